@@ -1,0 +1,96 @@
+"""``reslab summary`` and ``reslab list``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from reslab.models import MODELS, ResNetConfig, create_model, list_models
+from reslab.models.reference import PAPER
+from reslab.summary import format_summary, summarize
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("summary", help="per-stage table: output sizes, params, multiply-adds")
+    p.add_argument("model", help="a registered model name (see `reslab list`)")
+    p.add_argument(
+        "--input-size",
+        type=int,
+        default=None,
+        help="image side in pixels (default: 224 for ImageNet stems, 32 for CIFAR)",
+    )
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--in-channels", type=int, default=None)
+    p.add_argument("--stride-in", choices=("1x1", "3x3"), default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run_summary)
+
+    p = sub.add_parser("list", help="registered models")
+    p.add_argument("pattern", nargs="?", default=None, help="wildcard, e.g. 'cifar_*'")
+    p.add_argument(
+        "--details", action="store_true", help="a Markdown table with parameters and multiply-adds"
+    )
+    p.set_defaults(func=run_list)
+
+
+def default_input_size(name: str, **overrides: object) -> tuple[int, int, int]:
+    cfg = MODELS[name]
+    if isinstance(cfg, ResNetConfig):
+        stem = overrides.get("stem", cfg.stem)
+        side = 224 if stem == "imagenet" else 32
+        return (int(overrides.get("in_channels", cfg.in_channels)), side, side)
+    return (1, 8, 8)  # dense nets: flattened 8x8 digits
+
+
+def run_summary(args: argparse.Namespace) -> int:
+    overrides = {
+        k: v
+        for k, v in (
+            ("num_classes", args.num_classes),
+            ("in_channels", args.in_channels),
+            ("stride_in", args.stride_in),
+        )
+        if v is not None
+    }
+    model = create_model(args.model, **overrides)
+    size = default_input_size(args.model, **overrides)
+    if args.input_size is not None:
+        size = (size[0], args.input_size, args.input_size)
+    summary = summarize(model, size, name=args.model)
+    print(json.dumps(summary.to_dict(), indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+def _fmt(v: float | None) -> str:
+    return "" if v is None else f"{v:g}"
+
+
+def _fmt(v: float | None) -> str:
+    return "" if v is None else f"{v:g}"
+
+
+def model_table(pattern: str | None = None) -> str:
+    """Markdown table of every registered model next to the paper's figures."""
+    lines = [
+        "| model | depth | input | params (M) | paper | mult-adds (G) | paper | source |",
+        "|---|---:|---|---:|---:|---:|---:|---|",
+    ]
+    for name in list_models(pattern):
+        size = default_input_size(name)
+        model = create_model(name)
+        s = summarize(model, size, name=name)
+        p_params, p_macs, source = PAPER.get(name, (None, None, ""))
+        lines.append(
+            f"| `{name}` | {model.config.depth} | {'x'.join(map(str, size))} "
+            f"| {s.params / 1e6:.2f} | {_fmt(p_params)} | {s.macs / 1e9:.2f} | {_fmt(p_macs)} "
+            f"| {source} |"
+        )
+    return "\n".join(lines)
+
+
+def run_list(args: argparse.Namespace) -> int:
+    if args.details:
+        print(model_table(args.pattern))
+    else:
+        print("\n".join(list_models(args.pattern)))
+    return 0

@@ -1,0 +1,110 @@
+"""The model registry: every named network is one line of data."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from typing import Any
+
+from torch import nn
+
+from reslab.models.config import ResNetConfig
+from reslab.models.dense import DenseConfig, DenseResNet
+from reslab.models.resnet import ResNet
+
+__all__ = ["MODELS", "build_model", "create_model", "get_config", "list_models"]
+
+Config = ResNetConfig | DenseConfig
+
+_BASIC, _BOTTLENECK = "basic", "bottleneck"
+_CIFAR = dict(stem="cifar", stem_width=16, widths=(16, 32, 64), num_classes=10)
+
+
+def _cifar(n: int, **kw: Any) -> ResNetConfig:
+    """He et al. 2015 §4.2: 6n+2 layers, 2n per stage of widths 16/32/64, option A."""
+    return ResNetConfig(
+        block=_BASIC, layers=(n, n, n), shortcut=kw.pop("shortcut", "A"), **_CIFAR, **kw
+    )
+
+
+def _cifar_bottleneck(n: int, **kw: Any) -> ResNetConfig:
+    """He et al. 2016 §4.2/Table 4: 9n+2 layers, bottleneck units with outputs 64/128/256."""
+    return ResNetConfig(
+        block=_BOTTLENECK, layers=(n, n, n), ordering="full_preact", shortcut="B", **_CIFAR, **kw
+    )
+
+
+_IMAGENET_LAYERS = {
+    18: (_BASIC, (2, 2, 2, 2)),
+    34: (_BASIC, (3, 4, 6, 3)),
+    50: (_BOTTLENECK, (3, 4, 6, 3)),
+    101: (_BOTTLENECK, (3, 4, 23, 3)),
+    152: (_BOTTLENECK, (3, 8, 36, 3)),
+    200: (_BOTTLENECK, (3, 24, 36, 3)),  # He et al. 2016, Table 5
+}
+
+
+def _imagenet(depth: int, **kw: Any) -> ResNetConfig:
+    block, layers = _IMAGENET_LAYERS[depth]
+    return ResNetConfig(block=block, layers=layers, **kw)
+
+
+MODELS: dict[str, Config] = {
+    # He et al. 2015, Table 1 (stride on the bottleneck's 1x1, option B shortcuts).
+    **{f"resnet{d}": _imagenet(d) for d in (18, 34, 50, 101, 152)},
+    # He et al. 2016: full pre-activation units, Table 5 (ResNet-200 included).
+    **{
+        f"preact_resnet{d}": _imagenet(d, ordering="full_preact")
+        for d in (18, 34, 50, 101, 152, 200)
+    },
+    # He et al. 2015, Table 2: plain twins of ResNet-18/34.
+    **{f"plain{d}": _imagenet(d, shortcut="none") for d in (18, 34)},
+    # He et al. 2015, §4.2 and Table 6: CIFAR-10 nets of 6n+2 layers.
+    **{f"cifar_resnet{6 * n + 2}": _cifar(n) for n in (3, 5, 7, 9, 18, 200)},
+    **{f"cifar_plain{6 * n + 2}": _cifar(n, shortcut="none") for n in (3, 5, 7, 9, 18)},
+    # He et al. 2016, Tables 3-4: pre-activation CIFAR nets.
+    "cifar_preact_resnet110": _cifar(18, ordering="full_preact"),
+    "cifar_preact_resnet164": _cifar_bottleneck(18),
+    "cifar_preact_resnet1001": _cifar_bottleneck(111),
+    # Seed 000's dense residual layer y + tau*sigma(Wy + b), on flattened 8x8 digits.
+    **{
+        f"dense_resnet{d}": DenseConfig.uniform(64, 64, d, residual=True, tau=1.0 / d**0.5)
+        for d in (10, 100)
+    },
+    **{f"dense_plain{d}": DenseConfig.uniform(64, 64, d, residual=False) for d in (10, 100)},
+}
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    """Registered model names, sorted; ``pattern`` is a shell-style wildcard (``"*resnet5*"``)."""
+    names = sorted(MODELS)
+    return fnmatch.filter(names, pattern) if pattern else names
+
+
+def get_config(name: str, **overrides: Any) -> Config:
+    """The registered config of ``name`` with ``overrides`` applied."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid choices: {', '.join(list_models())}")
+    base = MODELS[name]
+    fields = {f.name for f in dataclasses.fields(base)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {unknown} for {name!r}; valid options: {', '.join(sorted(fields))}"
+        )
+    for key in ("layers", "widths", "tau_schedule"):
+        if key in overrides:
+            overrides[key] = tuple(overrides[key])
+    return dataclasses.replace(base, **overrides)
+
+
+def build_model(config: Config) -> nn.Module:
+    """Instantiate a network from its config."""
+    if isinstance(config, DenseConfig):
+        return DenseResNet(config)
+    return ResNet(config)
+
+
+def create_model(name: str, **overrides: Any) -> nn.Module:
+    """Build a registered model, e.g. ``create_model("resnet50", num_classes=10, stem="cifar")``."""
+    return build_model(get_config(name, **overrides))

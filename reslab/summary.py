@@ -1,0 +1,168 @@
+"""Per-stage tables of a network, in the layout of He et al. 2015 Table 1.
+
+Multiply-adds are counted with :class:`torch.utils.flop_counter.FlopCounterMode`, which counts
+the FLOPs of convolutions and matrix products (2 per multiply-add); normalisation, activations and
+pooling are not counted, as in the paper's Table 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from reslab.models.blocks import ResidualBlock
+from reslab.models.dense import DenseResNet
+from reslab.models.resnet import ResNet
+
+__all__ = ["ModelSummary", "StageSummary", "count_macs", "format_summary", "summarize"]
+
+
+@dataclass
+class StageSummary:
+    name: str
+    output_size: list[int]  # (C, H, W) of the stage output, batch dimension dropped
+    block: str  # e.g. "[3x3, 64; 3x3, 64] x 2"
+    params: int
+    macs: int
+
+
+@dataclass
+class ModelSummary:
+    model: str
+    input_size: list[int]
+    params: int
+    macs: int
+    stages: list[StageSummary] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def count_macs(fn: Any, *args: Tensor) -> tuple[int, Any]:
+    """Multiply-adds of ``fn(*args)`` (FLOPs / 2) and its result."""
+    with FlopCounterMode(display=False) as counter:
+        out = fn(*args)
+    return counter.get_total_flops() // 2, out
+
+
+def _params(*modules: nn.Module | None) -> int:
+    return sum(p.numel() for m in modules if m is not None for p in m.parameters())
+
+
+def _unit_spec(unit: ResidualBlock) -> str:
+    convs = [m for n, m in unit.named_children() if n.startswith("conv")]
+    return "; ".join(f"{c.kernel_size[0]}x{c.kernel_size[1]}, {c.out_channels}" for c in convs)
+
+
+def _stages(model: nn.Module) -> list[tuple[str, str, list[nn.Module], Any]]:
+    """(name, block spec, modules, forward) for each row of the table."""
+    if isinstance(model, ResNet):
+        stem = model.conv1
+        rows: list[tuple[str, str, list[nn.Module], Any]] = [
+            (
+                "conv1",
+                f"{stem.kernel_size[0]}x{stem.kernel_size[1]}, {stem.out_channels}, "
+                f"stride {stem.stride[0]}",
+                [model.conv1, model.bn1],
+                model.stem,
+            )
+        ]
+        for i, name in enumerate(model.stage_names):
+            stage = getattr(model, name)
+            spec = f"[{_unit_spec(stage[0])}] x {len(stage)}"
+            if i == 0 and isinstance(model.maxpool, nn.MaxPool2d):
+                # Table 1 lists the max-pool in the conv2_x row.
+                spec = "3x3 max pool, stride 2; " + spec
+
+                def fwd(x: Tensor, stage: nn.Module = stage) -> Tensor:
+                    return stage(model.maxpool(x))
+            else:
+                fwd = stage
+            if i == len(model.stage_names) - 1:
+
+                def fwd(x: Tensor, f: Any = fwd) -> Tensor:
+                    return model.final(f(x))
+
+            rows.append((f"conv{i + 2}_x", spec, [stage, model.final_bn], fwd))
+        return rows
+    if isinstance(model, DenseResNet):
+        return [
+            (
+                f"layer{i + 1}",
+                f"{layer.linear.in_features}->{layer.linear.out_features}",
+                [layer],
+                layer,
+            )
+            for i, layer in enumerate(model.layers)
+        ]
+    raise TypeError(f"cannot summarise {type(model).__name__}")
+
+
+@torch.no_grad()
+def summarize(model: nn.Module, input_size: tuple[int, ...], name: str = "") -> ModelSummary:
+    """Run one sample of ``input_size`` (C, H, W) through ``model`` stage by stage."""
+    was_training = model.training
+    model.eval()
+    try:
+        x = torch.zeros(1, *input_size)
+        if isinstance(model, DenseResNet):
+            x = torch.flatten(x, 1)  # dense nets read images as vectors
+        summary = ModelSummary(name or type(model).__name__, list(input_size), 0, 0)
+        for stage_name, spec, modules, fwd in _stages(model):
+            macs, x = count_macs(fwd, x)
+            summary.stages.append(
+                StageSummary(stage_name, list(x.shape[1:]), spec, _params(*modules), macs)
+            )
+        macs, x = count_macs(model.forward_head, x)
+        head = model.fc
+        out_features = getattr(head, "out_features", x.shape[1])
+        summary.stages.append(
+            StageSummary(
+                "fc",
+                list(x.shape[1:]),
+                f"average pool, {out_features}-d fc"
+                if isinstance(model, ResNet)
+                else f"{out_features}-d fc",
+                _params(head),
+                macs,
+            )
+        )
+        summary.params = _params(model)
+        summary.macs = sum(s.macs for s in summary.stages)
+        return summary
+    finally:
+        model.train(was_training)
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def format_summary(s: ModelSummary) -> str:
+    """The table as text: one row per stage, totals at the bottom."""
+    rows = [("stage", "output size", "block", "params", "mult-adds")]
+    for st in s.stages:
+        size = "x".join(str(v) for v in st.output_size[1:]) or str(st.output_size[0])
+        if len(st.output_size) == 3:
+            size = f"{st.output_size[1]}x{st.output_size[2]}, {st.output_size[0]}"
+        rows.append((st.name, size, st.block, f"{st.params:,}", _human(st.macs)))
+    rows.append(("total", "", "", f"{s.params:,}", _human(s.macs)))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = [f"{s.model}  (input {'x'.join(map(str, s.input_size))})"]
+    for k, r in enumerate(rows):
+        if k in (1, len(rows) - 1):
+            lines.append("  ".join("-" * w for w in widths))
+        lines.append(
+            "  ".join(
+                c.ljust(w) if i < 3 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
+    return "\n".join(lines)
