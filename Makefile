@@ -17,12 +17,12 @@ demo: $(STAMP)
 	$(BIN)/reslab summary resnet34
 
 test: $(STAMP)
-	$(BIN)/ruff check reslab tests benchmarks
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check reslab tests benchmarks
-	$(BIN)/ruff format --check reslab tests benchmarks
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
