@@ -1,0 +1,156 @@
+"""Data: decode a source once, cache it as uint8 tensors, split it, augment whole batches on device.
+
+``load_data("digits" | CIFAR python folder/.tar.gz | image-folder dir/.zip)`` returns
+:class:`DataSplits` with the training set split into train/val (He et al. 2015, §4.2: 45k/5k), so
+the test set is never used to choose anything.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from reslab.data.augment import Normalize, random_crop_flip
+from reslab.data.cache import cache_path, default_cache_dir, load_cached, save_cached
+from reslab.data.sources import RawData, read_cifar_python, read_digits, read_image_folder
+
+__all__ = [
+    "DataSplits",
+    "Normalize",
+    "RawData",
+    "Split",
+    "load_data",
+    "load_raw",
+    "random_crop_flip",
+]
+
+
+@dataclass(frozen=True)
+class Split:
+    """Images as uint8 (N, C, H, W) on the CPU and int64 labels (N,)."""
+
+    images: Tensor
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    train: Split
+    val: Split
+    test: Split
+    classes: list[str]
+    name: str
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.train.images.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train.images.shape[-1])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def _is_cifar_python(path: Path) -> bool:
+    if path.is_dir():
+        return any(
+            (p / "batches.meta").exists() or (p / "meta").exists() for p in (path, *path.iterdir())
+        )
+    return path.name.endswith((".tar.gz", ".tgz", ".tar"))
+
+
+def load_raw(spec: str, *, cache_dir: Path | None = None, verbose: bool = False) -> RawData:
+    """Decode ``spec`` (or reload it from the cache) without splitting."""
+    if spec == "digits":
+        return read_digits()
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"data not found: {path} (expected 'digits', a CIFAR python folder "
+            "or .tar.gz, or an image folder / .zip with train/ and test/)"
+        )
+    file = cache_path(path, cache_dir or default_cache_dir())
+    t0 = time.perf_counter()
+    raw = load_cached(file)
+    if raw is not None:
+        if verbose:
+            print(f"data: {path} from cache {file} in {time.perf_counter() - t0:.2f} s")
+        return raw
+    raw = read_cifar_python(path) if _is_cifar_python(path) else read_image_folder(path)
+    save_cached(raw, file)
+    if verbose:
+        print(f"data: decoded {path} in {time.perf_counter() - t0:.1f} s, cached at {file}")
+    return raw
+
+
+def _keep_classes(x: Tensor, y: Tensor, keep: list[int]) -> tuple[Tensor, Tensor]:
+    mapping = torch.full((int(y.max()) + 1 if len(y) else 1,), -1, dtype=torch.int64)
+    mapping[torch.tensor(keep)] = torch.arange(len(keep))
+    new = mapping[y]
+    mask = new >= 0
+    return x[mask], new[mask]
+
+
+def load_data(
+    spec: str,
+    *,
+    cache_dir: Path | None = None,
+    seed: int = 0,
+    classes: Sequence[str] | None = None,
+    train_fraction: float = 1.0,
+    val_size: int | None = None,
+    verbose: bool = False,
+) -> DataSplits:
+    """Load a data set and split it into train/val/test.
+
+    ``val_size`` images (default: a tenth of the training set, 5,000 of CIFAR's 50,000 as in He et
+    al. 2015, §4.2) are held out of the training set at random (``seed``); ``classes`` keeps those
+    classes relabelled 0..k-1 in the given order; ``train_fraction`` then keeps that share of each
+    class's remaining training images.
+    """
+    raw = load_raw(spec, cache_dir=cache_dir, verbose=verbose)
+    names = raw.classes or [str(i) for i in range(int(raw.train_labels.max()) + 1)]
+    tr_x, tr_y, te_x, te_y = raw.train_images, raw.train_labels, raw.test_images, raw.test_labels
+    if classes is not None:
+        missing = [c for c in classes if c not in names]
+        if missing:
+            raise ValueError(f"unknown classes {missing} in {spec}; valid: {', '.join(names)}")
+        keep = [names.index(c) for c in classes]
+        tr_x, tr_y = _keep_classes(tr_x, tr_y, keep)
+        te_x, te_y = _keep_classes(te_x, te_y, keep)
+        names = list(classes)
+    if not 0.0 < train_fraction <= 1.0:
+        raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}")
+    n = len(tr_y)
+    n_val = n // 10 if val_size is None else val_size
+    if not 0 <= n_val < n:
+        raise ValueError(f"val_size must be in [0, {n}), got {n_val}")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    val_idx, train_idx = torch.sort(perm[:n_val]).values, torch.sort(perm[n_val:]).values
+    if train_fraction < 1.0:
+        kept = []
+        for c in range(len(names)):
+            idx = train_idx[tr_y[train_idx] == c]
+            idx = idx[torch.randperm(len(idx), generator=g)]
+            kept.append(idx[: max(1, round(len(idx) * train_fraction))])
+        train_idx = torch.sort(torch.cat(kept)).values
+    name = spec if spec == "digits" else Path(spec).name
+    return DataSplits(
+        train=Split(tr_x[train_idx], tr_y[train_idx]),
+        val=Split(tr_x[val_idx], tr_y[val_idx]),
+        test=Split(te_x.clone(), te_y.clone()),
+        classes=names,
+        name=name,
+    )
