@@ -106,5 +106,19 @@ def build_model(config: Config) -> nn.Module:
 
 
 def create_model(name: str, **overrides: Any) -> nn.Module:
-    """Build a registered model, e.g. ``create_model("resnet50", num_classes=10, stem="cifar")``."""
-    return build_model(get_config(name, **overrides))
+    """Build a registered model, e.g. ``create_model("resnet50", num_classes=10, stem="cifar")``.
+
+    ``pretrained=PATH`` (and optionally ``pretrained_sha256=HEX``) then initialises it from a
+    weight file with :func:`reslab.transfer.load_pretrained`, adapting the first layer to
+    ``in_channels`` and the classifier to ``num_classes``.
+    """
+    pretrained = overrides.pop("pretrained", None)
+    sha256 = overrides.pop("pretrained_sha256", None)
+    if sha256 is not None and pretrained is None:
+        raise ValueError("pretrained_sha256 needs pretrained=PATH")
+    model = build_model(get_config(name, **overrides))
+    if pretrained is not None:
+        from reslab.transfer import load_pretrained  # lazy: reslab.transfer imports the zoo's users
+
+        load_pretrained(model, pretrained, sha256=sha256)
+    return model

@@ -1,0 +1,31 @@
+"""Transfer learning: load trusted weights safely, adapt the first and last layer, fine-tune.
+
+Seed 000 ("Transfer Learning"): take a network trained on a large data set, adapt its first layer
+when the input differs and its last layer when the labels differ, initialise the rest from the
+pretrained weights, and train. Submodules: :mod:`.weights` (safe reading, key mapping),
+:mod:`.load` (adaptation and the load report), :mod:`.freeze` (freezing, unfreezing schedules,
+parameter groups).
+"""
+
+from reslab.transfer.freeze import (
+    freezable_parts,
+    freeze_until,
+    param_groups,
+    unfreeze_schedule,
+)
+from reslab.transfer.load import LoadReport, adapt_input_conv, load_pretrained
+from reslab.transfer.weights import UnsafeWeightsError, Weights, read_weights, to_reslab_names
+
+__all__ = [
+    "LoadReport",
+    "UnsafeWeightsError",
+    "Weights",
+    "adapt_input_conv",
+    "freezable_parts",
+    "freeze_until",
+    "load_pretrained",
+    "param_groups",
+    "read_weights",
+    "to_reslab_names",
+    "unfreeze_schedule",
+]

@@ -1,0 +1,263 @@
+"""Transfer learning: safe loading of foreign weights, first/last-layer adaptation, freezing."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torchvision
+from safetensors.torch import save_file
+from torch import nn
+
+from reslab import create_model
+from reslab.transfer import (
+    UnsafeWeightsError,
+    adapt_input_conv,
+    freeze_until,
+    load_pretrained,
+    param_groups,
+    unfreeze_schedule,
+)
+from reslab.transfer.freeze import freeze_point_at, gradual_schedule
+from reslab.transfer.weights import file_sha256
+
+X224 = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+X32 = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BN statistics and affine parameters, so a misplaced BN key changes outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(0.1 * torch.randn(c, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
+                m.weight.copy_(0.5 + torch.rand(c, generator=g))
+                m.bias.copy_(0.1 * torch.randn(c, generator=g))
+    return model.eval()
+
+
+def assert_same_outputs(ours: nn.Module, ref: nn.Module, x: torch.Tensor) -> None:
+    ours.eval(), ref.eval()
+    with torch.no_grad():
+        a, b = ours(x), ref(x)
+    assert a.shape == b.shape
+    assert (a - b).abs().max().item() <= 1e-4 * (1 + b.abs().max().item())
+
+
+def save_pth(state: dict, path: Path, prefix: str = "") -> Path:
+    torch.save({prefix + k: v for k, v in state.items()}, path)
+    return path
+
+
+def save_safetensors(state: dict, path: Path) -> Path:
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+# -- foreign checkpoints load with identical outputs ---------------------------------------------
+def test_torchvision_resnet18_file(tmp_path: Path) -> None:
+    ref = randomize_bn(torchvision.models.resnet18())
+    path = save_pth(ref.state_dict(), tmp_path / "tv18.pth", prefix="module.")
+    ours = create_model("resnet18", pretrained=path)
+    assert_same_outputs(ours, ref, X224)
+
+
+def test_timm_resnet_safetensors(tmp_path: Path) -> None:
+    ref = randomize_bn(timm.create_model("resnet50"))
+    path = save_safetensors(ref.state_dict(), tmp_path / "timm50.safetensors")
+    ours = create_model("resnet50", stride_in="3x3")
+    report = load_pretrained(ours, path)
+    assert report.ok and report.format == "resnet" and not report.notes
+    assert_same_outputs(ours, ref, X224)
+    # The paper's stride placement loads too (same shapes) but the report says why it differs.
+    paper = load_pretrained(create_model("resnet50"), path)
+    assert any("stride_in='3x3'" in n for n in paper.notes)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_timm_resnetv2_maps_onto_full_preact(tmp_path: Path, suffix: str) -> None:
+    # timm resnetv2_50: 7x7 stem conv without norm + max-pool, PreActBottleneck striding the 3x3,
+    # a bare 1x1 projection of the pre-activated input, final norm: reslab's preact_resnet50
+    # with stride_in="3x3".
+    ref = randomize_bn(timm.create_model("resnetv2_50"), seed=1)
+    state = ref.state_dict()
+    path = tmp_path / f"v2{suffix}"
+    save_pth(state, path) if suffix == ".pth" else save_safetensors(state, path)
+    ours = create_model("preact_resnet50", stride_in="3x3")
+    report = load_pretrained(ours, path)
+    assert report.format == "timm-resnetv2" and report.ok
+    assert len(report.loaded) == len(ours.state_dict())
+    assert_same_outputs(ours, ref, X224)
+
+
+def test_reslab_checkpoint_keeps_its_metadata(tmp_path: Path) -> None:
+    src = randomize_bn(create_model("cifar_resnet20", num_classes=3))
+    path = tmp_path / "run.pt"
+    torch.save(
+        {
+            "model": src.state_dict(),
+            "model_config": src.config.to_dict(),
+            "model_kind": "resnet",
+            "classes": ["cat", "dog", "frog"],
+            "step": 7,
+            "train_config": {},
+        },
+        path,
+    )
+    ours = create_model("cifar_resnet20", num_classes=3)
+    report = load_pretrained(ours, path)
+    assert report.format == "reslab" and report.meta["classes"] == ["cat", "dog", "frog"]
+    assert_same_outputs(ours, src, X32)
+
+
+# -- safety ------------------------------------------------------------------------------------
+class Payload:
+    """Unpickling this object creates a file: a stand-in for arbitrary code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_planted_payload_is_refused(tmp_path: Path) -> None:
+    # The payload is real: plain unpickling runs it.
+    probe = tmp_path / "probe"
+    pickle.loads(pickle.dumps(Payload(probe)))
+    assert probe.exists()
+
+    marker = tmp_path / "pwned"
+    state = create_model("cifar_resnet20").state_dict()
+    zipped = tmp_path / "evil.pth"
+    torch.save({"model": state, "model_config": {}, "hook": Payload(marker)}, zipped)
+    legacy = tmp_path / "evil.pkl"
+    legacy.write_bytes(pickle.dumps({"conv1.weight": Payload(marker)}, protocol=2))
+    for path in (zipped, legacy):
+        with pytest.raises(UnsafeWeightsError, match="arbitrary unpickling can run code"):
+            create_model("cifar_resnet20", pretrained=path)
+    assert not marker.exists()
+
+
+def test_sha256_check(tmp_path: Path) -> None:
+    path = save_pth(create_model("cifar_resnet20").state_dict(), tmp_path / "w.pth")
+    digest = file_sha256(path)
+    create_model("cifar_resnet20", pretrained=path, pretrained_sha256=digest.upper())
+    with pytest.raises(ValueError, match="sha256 mismatch"):
+        create_model("cifar_resnet20", pretrained=path, pretrained_sha256="0" * 64)
+
+
+def test_report_lists_missing_unexpected_and_mismatched(tmp_path: Path) -> None:
+    path = save_pth(create_model("resnet18").state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(ValueError, match=r"missing from the file \(\d+\): final_bn"):
+        create_model("preact_resnet18", pretrained=path)
+    report = load_pretrained(create_model("preact_resnet18"), path, strict=False)
+    assert "final_bn.weight" in report.missing and "bn1.weight" in report.unexpected
+    wide = load_pretrained(
+        create_model("resnet18", widths=(64, 128, 256, 1024)), path, strict=False
+    )
+    assert ("layer4.1.conv2.weight", (512, 512, 3, 3), (1024, 1024, 3, 3)) in wide.mismatched
+    assert "shape mismatch: layer4.1.conv2.weight" in str(wide)
+
+
+# -- first and last layer ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cifar_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path]:
+    torch.manual_seed(0)
+    src = randomize_bn(create_model("cifar_resnet20"))
+    return src, save_pth(src.state_dict(), tmp_path_factory.mktemp("w") / "c20.pth")
+
+
+def test_one_channel_equals_grey_replicated(cifar_file: tuple[nn.Module, Path]) -> None:
+    src, path = cifar_file
+    grey = create_model("cifar_resnet20", in_channels=1, pretrained=path).eval()
+    x = X32[:, :1]
+    with torch.no_grad():
+        assert torch.allclose(grey(x), src(x.repeat(1, 3, 1, 1)), atol=1e-5)
+
+
+def test_k_channels_repeat_and_rescale(cifar_file: tuple[nn.Module, Path]) -> None:
+    src, path = cifar_file
+    six = create_model("cifar_resnet20", in_channels=6, pretrained=path).eval()
+    with torch.no_grad():  # [RGB, RGB] with kernels scaled by 3/6 is the RGB response
+        assert torch.allclose(six(torch.cat([X32, X32], 1)), src(X32), atol=1e-5)
+    w = torch.randn(8, 3, 3, 3)
+    assert torch.equal(adapt_input_conv(w, 3), w)
+    assert torch.allclose(adapt_input_conv(w, 4)[:, 3], w[:, 0] * 0.75)
+
+
+def test_new_head_rest_pretrained(cifar_file: tuple[nn.Module, Path]) -> None:
+    src, path = cifar_file
+    model = create_model("cifar_resnet20", num_classes=5, pretrained=path)
+    assert model.fc.out_features == 5 and model.config.num_classes == 5
+    ours, theirs = model.state_dict(), src.state_dict()
+    assert set(ours) == set(theirs)
+    for key, value in ours.items():
+        if not key.startswith("fc."):
+            assert torch.equal(value, theirs[key]), key
+
+
+# -- freezing ----------------------------------------------------------------------------------
+def test_frozen_bn_statistics_do_not_drift(cifar_file: tuple[nn.Module, Path]) -> None:
+    _, path = cifar_file
+    model = create_model("cifar_resnet20", num_classes=5, pretrained=path)
+    assert freeze_until(model, "layer2") == ["stem", "layer1", "layer2"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(
+        [{"params": g["params"], "lr": 0.1 * g["lr_scale"]} for g in param_groups(model)],
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=1e-4,
+    )
+    model.train()  # what a trainer does each epoch: must not wake the frozen BNs
+    for _ in range(2):
+        loss = nn.functional.cross_entropy(model(X32 * 3 + 1), torch.tensor([0, 1, 2, 3]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = model.state_dict()
+    frozen = ("conv1.", "bn1.", "layer1.", "layer2.")
+    for key, value in after.items():
+        changed = not torch.equal(value, before[key])
+        if key.startswith(frozen):
+            assert not changed, f"frozen {key} changed"
+        elif key.endswith(("running_mean", "weight")):
+            assert changed, f"trainable {key} did not change"
+    assert not model.bn1.training and model.layer3[0].bn1.training
+
+
+def test_unfreeze_schedule(cifar_file: tuple[nn.Module, Path]) -> None:
+    _, path = cifar_file
+    model = create_model("cifar_resnet20", pretrained=path).train()
+    schedule = gradual_schedule(model, "layer2", every=10)
+    assert schedule == {0: "layer2", 10: "layer1", 20: "stem", 30: "none"}
+    assert [freeze_point_at(s, schedule) for s in (0, 9, 10, 29, 99)] == [
+        "layer2",
+        "layer2",
+        "layer1",
+        "stem",
+        "none",
+    ]
+    on_step = unfreeze_schedule(schedule)
+    on_step(0, model)
+    assert not model.layer2[0].conv1.weight.requires_grad and not model.layer2[0].bn1.training
+    on_step(10, model)
+    assert model.layer2[0].conv1.weight.requires_grad and model.layer2[0].bn1.training
+    assert not model.layer1[0].conv1.weight.requires_grad and model.fc.weight.requires_grad
+    with pytest.raises(ValueError, match="valid choices: none, stem, layer1"):
+        freeze_until(model, "layer4")
+
+
+def test_param_groups_cover_every_parameter_once() -> None:
+    model = create_model("cifar_resnet20")
+    groups = param_groups(model, pretrained_lr_scale=0.05)
+    assert [(g["name"], g["lr_scale"]) for g in groups] == [("pretrained", 0.05), ("new", 1.0)]
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+    assert groups[1]["params"] == [model.fc.weight, model.fc.bias]
