@@ -1,0 +1,155 @@
+"""The training recipe as one frozen dataclass; presets ``paper``, ``fast`` and ``digits``."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["PRESETS", "TrainConfig"]
+
+SCHEDULES = ("step", "onecycle")
+WARMUPS = ("none", "error", "auto")
+PRECISIONS = ("fp32", "bf16", "fp16")
+NORMALIZE = ("pixel", "channel")
+
+
+def _check(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid choices: {', '.join(valid)}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides how a network is trained. Defaults are He et al. 2015, §4.2."""
+
+    recipe: str = "paper"  # name of the preset these values started from
+    # -- length: iters wins; with iters=None the run lasts `epochs` passes over the train split
+    iters: int | None = 64_000  # optimiser steps ("terminate training at 64k iterations")
+    epochs: float | None = None  # passes over the training split
+    batch_size: int = 128  # images per optimiser step, summed over all DDP ranks
+    # -- optimiser: SGD
+    lr: float = 0.1  # peak learning rate
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4  # L2 coefficient, per step
+    decay_all: bool = True  # True: every parameter (paper); False: skip BN and biases (rank < 2)
+    label_smoothing: float = 0.0  # Szegedy et al. 2016; 0 = plain cross-entropy
+    # -- schedule (a pure function of the step, reslab.train.schedule.learning_rate)
+    schedule: str = "step"  # "step": x lr_decay at each milestone; "onecycle": linear up, down to 0
+    milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of the run: 32k and 48k of 64k
+    lr_decay: float = 0.1  # "divide it by 10"
+    warmup: str = "auto"  # "error": warmup_lr until train error < warmup_error; "auto": that
+    #                       for nets of depth >= 110 (He et al. 2015, §4.2); "none"
+    warmup_lr: float = 0.01
+    warmup_error: float = 0.8  # fraction of the batch misclassified ("below 80%")
+    warmup_fraction: float = 0.0  # onecycle: share of the run rising linearly from 0 to lr
+    # -- data
+    augment: bool = True  # pad + random crop + horizontal flip (He et al. 2015, §4.2)
+    pad: int = 4  # pixels of zero padding on each side before the crop
+    flip: bool = True  # horizontal mirror with probability 1/2
+    normalize: str = "pixel"  # "pixel": subtract the per-pixel mean (paper); "channel": mean/std
+    # -- numerics and speed
+    precision: str = "fp32"  # "bf16"/"fp16": autocast of forward and loss; weights stay fp32
+    channels_last: bool = False  # NHWC memory layout (faster convolutions on CPU and tensor cores)
+    compile: bool = False  # torch.compile the model
+    device: str = "auto"  # "auto" (cuda when present), "cpu", "cuda"
+    sync_bn: bool = False  # DDP: BatchNorm statistics over the global batch
+    threads: int | None = None  # CPU threads per process (torch.set_num_threads); None: torch's
+    # -- bookkeeping
+    seed: int = 0
+    eval_every: int = 2000  # optimiser steps between evaluations/checkpoints; 0 = once per epoch
+    eval_test: bool = True  # also log test error (the Fig. 6 curves); never used to select
+    eval_batch_size: int = 512
+
+    def __post_init__(self) -> None:
+        _check("schedule", self.schedule, SCHEDULES)
+        _check("warmup", self.warmup, WARMUPS)
+        _check("precision", self.precision, PRECISIONS)
+        _check("normalize", self.normalize, NORMALIZE)
+        if self.iters is None and self.epochs is None:
+            raise ValueError("set iters or epochs")
+        if self.batch_size < 1 or (self.iters is not None and self.iters < 1):
+            raise ValueError("batch_size and iters must be >= 1")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"unknown device {self.device!r}; valid choices: auto, cpu, cuda")
+
+    def total_steps(self, train_size: int) -> int:
+        """Optimiser steps of the whole run for a training split of ``train_size`` images."""
+        if self.iters is not None:
+            return self.iters
+        assert self.epochs is not None
+        return max(1, round(self.epochs * self.steps_per_epoch(train_size)))
+
+    def steps_per_epoch(self, train_size: int) -> int:
+        """Full batches per pass; the last partial batch is dropped (a new permutation follows)."""
+        return max(1, train_size // self.batch_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        d = dict(d)
+        if "milestones" in d:
+            d["milestones"] = tuple(d["milestones"])
+        return cls(**d)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> TrainConfig:
+        """A named recipe with ``overrides`` applied (``iters=None`` to train by ``epochs``)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown recipe {name!r}; valid choices: {', '.join(PRESETS)}")
+        base = {**PRESETS[name], **overrides}
+        if "epochs" in overrides and "iters" not in overrides:
+            base["iters"] = None  # a requested epoch count replaces the preset's iteration count
+        return cls.from_dict({"recipe": name, **base})
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # He et al. 2015, §4.2: SGD, momentum 0.9, weight decay 1e-4, batch 128, lr 0.1 divided by 10
+    # at 32k and 48k iterations, stopped at 64k, per-pixel mean, pad-4 crop + flip; warm-up at 0.01
+    # for ResNet-110/1202. He et al. 2016 (pre-activation) uses the same schedule.
+    "paper": {},
+    # What reaches ~88-90% soonest on a 2-core CPU (see docs/training.md): the same SGD and
+    # augmentation, but a short budget spent well.
+    "fast": {
+        "iters": None,
+        "epochs": 24,  # ~27 min of ResNet-20 at ~690 img/s, leaving time for evaluation
+        "batch_size": 256,  # fewer, larger steps: better CPU throughput; lr scaled with it
+        "lr": 0.4,  # linear scaling: 0.1 per 128 images x 2, x 2 again for the short schedule
+        "nesterov": True,
+        "weight_decay": 5e-4,  # shorter runs want stronger regularisation per step
+        "decay_all": False,
+        "label_smoothing": 0.1,
+        "schedule": "onecycle",  # linear warm-up then linear decay to 0 (Smith & Topin 2019)
+        "warmup": "none",
+        "warmup_fraction": 0.15,
+        "normalize": "channel",
+        "precision": "bf16",  # ~2x the fp32 step rate on this CPU
+        "channels_last": True,
+        "eval_every": 0,  # once per epoch
+        "eval_test": True,
+    },
+    # The default job: a small CIFAR-style ResNet on the 8x8 scikit-learn digits, ~1 min on a CPU.
+    "digits": {
+        "iters": None,
+        "epochs": 20,
+        "batch_size": 64,
+        "lr": 0.1,
+        "nesterov": True,
+        "weight_decay": 5e-4,
+        "decay_all": False,
+        "label_smoothing": 0.0,
+        "schedule": "onecycle",
+        "warmup": "none",
+        "warmup_fraction": 0.2,
+        # 8x8 convolutions are too small to share: a second thread only waits, and on a busy
+        # machine that waiting made steps 40x slower (35 ms -> 1.5 s per batch of 64, measured).
+        "threads": 1,
+        "pad": 1,  # 1 pixel on an 8x8 image is 4 on 32x32
+        "flip": False,  # a mirrored digit is another symbol
+        "normalize": "channel",
+        "eval_every": 0,
+    },
+}

@@ -1,0 +1,37 @@
+"""The learning rate as a pure function of the step (nanoGPT's ``get_lr``), tested alone."""
+
+from __future__ import annotations
+
+from reslab.train.config import TrainConfig
+
+__all__ = ["learning_rate", "wants_warmup"]
+
+
+def wants_warmup(cfg: TrainConfig, depth: int | None) -> bool:
+    """He et al. 2015, §4.2: "In this case [110 layers], we find that the initial learning rate of
+    0.1 is slightly too large to start converging. So we use 0.01 to warm up the training until the
+    training error is below 80% (about 400 iterations), and then go back to 0.1." They do the same
+    for ResNet-1202."""
+    if cfg.warmup == "auto":
+        return depth is not None and depth >= 110
+    return cfg.warmup == "error"
+
+
+def learning_rate(
+    step: int, total_steps: int, cfg: TrainConfig, *, warming_up: bool = False
+) -> float:
+    """The learning rate of optimiser step ``step`` (0-based) of a run of ``total_steps``.
+
+    ``warming_up`` is the trainer's state "training error has not yet fallen below
+    cfg.warmup_error"; while it holds the rate is ``cfg.warmup_lr``.
+    """
+    if warming_up:
+        return cfg.warmup_lr
+    if cfg.schedule == "step":
+        passed = sum(step >= round(m * total_steps) for m in cfg.milestones)
+        return cfg.lr * cfg.lr_decay**passed
+    # onecycle: linear from ~0 to lr over warmup_fraction of the run, then linear to 0 at the end
+    rise = round(cfg.warmup_fraction * total_steps)
+    if step < rise:
+        return cfg.lr * (step + 1) / rise
+    return cfg.lr * max(0.0, (total_steps - step) / max(1, total_steps - rise))
