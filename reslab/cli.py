@@ -16,6 +16,8 @@ from collections.abc import Sequence
 SUBCOMMANDS: list[tuple[str, str]] = [
     ("summary", "reslab.commands.summary"),
     ("list", "reslab.commands.summary"),
+    ("finetune", "reslab.commands.finetune"),
+    ("predict", "reslab.commands.finetune"),
 ]
 
 DEFAULT_COMMAND = ["summary", "resnet34"]

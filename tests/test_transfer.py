@@ -261,3 +261,43 @@ def test_param_groups_cover_every_parameter_once() -> None:
     ids = [id(p) for g in groups for p in g["params"]]
     assert sorted(ids) == sorted(id(p) for p in model.parameters())
     assert groups[1]["params"] == [model.fc.weight, model.fc.bias]
+
+
+# -- command line ------------------------------------------------------------------------------
+def test_finetune_and_predict_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    from reslab.cli import main
+    from reslab.data import load_data
+    from reslab.train.checkpoint import load_checkpoint
+
+    src = randomize_bn(create_model("cifar_resnet20", num_classes=5))
+    ckpt = tmp_path / "pre.pt"
+    torch.save(
+        {"model": src.state_dict(), "model_config": src.config.to_dict(), "model_kind": "resnet",
+         "classes": list("abcde"), "step": 0, "train_config": {}},
+        ckpt,
+    )  # fmt: skip
+    out = tmp_path / "ft"
+    argv = ["finetune", "--from", str(ckpt), "--data", "digits", "--in-channels", "1",
+            "--freeze-until", "layer1", "--recipe", "digits", "--iters", "4", "--batch-size", "32",
+            "--eval-every", "2", "--val-size", "100", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert "conv1.weight: 3 -> 1 input channels (summed)" in capsys.readouterr().out
+    config = (out / "config.json").read_text()
+    assert '"freeze_until": "layer1"' in config and "new 10-class head" in config
+    saved = load_checkpoint(out / "checkpoint_latest.pt")["model"]
+    assert torch.equal(saved["conv1.weight"], src.conv1.weight.sum(1, keepdim=True))
+    assert torch.equal(saved["layer1.0.bn1.running_mean"], src.layer1[0].bn1.running_mean)
+    assert not torch.equal(saved["layer2.0.conv1.weight"], src.layer2[0].conv1.weight)
+
+    digit = load_data("digits").test
+    images = []
+    for i in range(2):
+        images.append(tmp_path / f"digit{i}.png")
+        Image.fromarray(digit.images[i, 0].numpy()).save(images[-1])
+    assert main(["predict", str(out), *map(str, images), "--topk", "3", "--image-size", "8"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("digit0.png") and len(lines) == 8
+    probs = [float(line.split("%")[0]) for line in lines[1:4]]
+    assert probs == sorted(probs, reverse=True) and lines[1].split()[-1] in "0123456789"

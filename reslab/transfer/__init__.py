@@ -7,6 +7,7 @@ pretrained weights, and train. Submodules: :mod:`.weights` (safe reading, key ma
 parameter groups).
 """
 
+from reslab.transfer.finetune import FinetuneOptions, finetune, pretrained_model
 from reslab.transfer.freeze import (
     freezable_parts,
     freeze_until,
@@ -17,14 +18,17 @@ from reslab.transfer.load import LoadReport, adapt_input_conv, load_pretrained
 from reslab.transfer.weights import UnsafeWeightsError, Weights, read_weights, to_reslab_names
 
 __all__ = [
+    "FinetuneOptions",
     "LoadReport",
     "UnsafeWeightsError",
     "Weights",
     "adapt_input_conv",
+    "finetune",
     "freezable_parts",
     "freeze_until",
     "load_pretrained",
     "param_groups",
+    "pretrained_model",
     "read_weights",
     "to_reslab_names",
     "unfreeze_schedule",

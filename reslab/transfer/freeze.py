@@ -110,18 +110,25 @@ def param_groups(
     *,
     pretrained_lr_scale: float = 0.1,
     new: Sequence[str] = ("fc",),
+    decay_all: bool = True,
 ) -> list[dict[str, Any]]:
     """Optimiser groups for ``fit(param_groups=...)``: pretrained layers learn at
     ``pretrained_lr_scale`` times the base rate, the new modules (children named in ``new``,
-    the replaced classifier by default) at the full rate.
+    the replaced classifier by default) at the full rate. ``decay_all=False`` exempts BN
+    parameters and biases (rank < 2) from weight decay, as the trainer's own grouping does.
 
     Frozen parameters are included: they receive no gradient, so the optimiser skips them until
     they are unfrozen (a group cannot be added to a running optimiser through ``fit``).
     """
-    fresh: list[Tensor] = []
-    pretrained: list[Tensor] = []
+    groups: dict[tuple[str, bool], list[Tensor]] = {}
     for name, p in model.named_parameters():
-        (fresh if name.split(".")[0] in new else pretrained).append(p)
-    groups = [{"params": pretrained, "lr_scale": pretrained_lr_scale, "name": "pretrained"}]
-    groups.append({"params": fresh, "lr_scale": 1.0, "name": "new"})
-    return [g for g in groups if g["params"]]
+        kind = "new" if name.split(".")[0] in new else "pretrained"
+        groups.setdefault((kind, decay_all or p.ndim >= 2), []).append(p)
+    out = []
+    for kind in ("pretrained", "new"):
+        scale = pretrained_lr_scale if kind == "pretrained" else 1.0
+        for decay in (True, False):
+            if groups.get((kind, decay)):
+                group = {"params": groups[(kind, decay)], "lr_scale": scale, "name": kind}
+                out.append(group if decay else {**group, "weight_decay": 0.0})
+    return out

@@ -1,0 +1,165 @@
+"""``reslab finetune`` and ``reslab predict``: thin wrappers around :mod:`reslab.transfer`."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_parser"]
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "finetune",
+        help="fine-tune pretrained weights on a data set",
+        description="Initialise a network from a reslab checkpoint or a torchvision/timm weight "
+        "file, adapt its first layer (input channels) and classifier (classes), and train it "
+        "with the reslab trainer. Writes the same run folder as `reslab train`.",
+    )
+    p.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        metavar="CHECKPOINT",
+        help="reslab checkpoint/run folder, or a torchvision/timm .pth/.safetensors",
+    )
+    p.add_argument(
+        "--model",
+        help="registered model the file fits (needed for torchvision/timm "
+        "files; reslab checkpoints carry their own)",
+    )
+    p.add_argument("--sha256", help="expected SHA-256 of the weight file")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="'digits', CIFAR python folder/.tar.gz, or an image folder/.zip",
+    )
+    p.add_argument("--classes", help="comma-separated classes to keep, in this order")
+    p.add_argument(
+        "--train-fraction",
+        type=float,
+        default=1.0,
+        help="share of each class's training images to keep (default 1)",
+    )
+    p.add_argument("--val-size", type=int, help="validation images held out of train")
+    p.add_argument(
+        "--in-channels",
+        type=int,
+        help="input channels of the new first layer (default: the data's)",
+    )
+    p.add_argument(
+        "--freeze-until",
+        default="none",
+        metavar="PART",
+        help="freeze the stem and stages up to this one: stem, layer1, ... (default none)",
+    )
+    p.add_argument(
+        "--unfreeze-every",
+        type=int,
+        metavar="STEPS",
+        help="unfreeze one more part every STEPS steps, deepest first",
+    )
+    p.add_argument(
+        "--pretrained-lr-scale",
+        type=float,
+        default=0.1,
+        help="learning rate of the pretrained layers relative to the new head",
+    )
+    _add_trainer_options(p)
+    p.set_defaults(func=run_finetune)
+
+    q = subparsers.add_parser(
+        "predict",
+        help="top-k classes of images under a trained checkpoint",
+        description="Print the top-k classes (names stored in the checkpoint) and probabilities.",
+    )
+    q.add_argument("checkpoint", help="checkpoint file or run folder (best checkpoint)")
+    q.add_argument("images", nargs="+", metavar="IMAGE")
+    q.add_argument("--topk", type=int, default=5)
+    q.add_argument(
+        "--image-size",
+        type=int,
+        help="side the images are resized to (default: the training size if the "
+        "checkpoint records it, else 32)",
+    )
+    q.set_defaults(func=run_predict)
+
+
+def _add_trainer_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("trainer options (reslab.train.TrainConfig)")
+    g.add_argument("--recipe", default="fast", help="preset: paper, fast, digits (default fast)")
+    g.add_argument("--iters", type=int, help="optimiser steps (overrides --epochs)")
+    g.add_argument("--epochs", type=float, help="passes over the training split")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float, help="peak learning rate of the new layers")
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"))
+    g.add_argument("--eval-every", type=int, help="steps between evaluations (0: each epoch)")
+    g.add_argument("--device", help="auto, cpu, cuda")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", type=Path, help="run folder (default runs/finetune-<data>-<time>)")
+
+
+def _train_config(args: argparse.Namespace) -> Any:
+    from reslab.train import TrainConfig
+
+    keys = ("iters", "epochs", "batch_size", "lr", "weight_decay", "precision", "eval_every",
+            "device", "seed")  # fmt: skip
+    overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    if args.epochs is not None and args.iters is None:
+        overrides["iters"] = None
+    return TrainConfig.preset(args.recipe, **overrides)
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from reslab.data import load_data
+    from reslab.transfer.finetune import FinetuneOptions, finetune
+
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    splits = load_data(
+        args.data,
+        seed=args.seed,
+        classes=classes,
+        train_fraction=args.train_fraction,
+        val_size=args.val_size,
+    )
+    if args.in_channels is not None and args.in_channels != splits.in_channels:
+        raise ValueError(
+            f"--in-channels {args.in_channels} does not match the data, which has "
+            f"{splits.in_channels} channel(s); the first layer is adapted to the data's channels"
+        )
+    source = Path(args.source)
+    if source.is_dir():
+        from reslab.train.checkpoint import find_checkpoint
+
+        source = find_checkpoint(source)
+    cfg = _train_config(args)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = args.out or Path("runs") / f"finetune-{Path(args.data).stem}-{stamp}"
+    options = FinetuneOptions(
+        freeze_until=args.freeze_until,
+        unfreeze_every=args.unfreeze_every,
+        pretrained_lr_scale=args.pretrained_lr_scale,
+        sha256=args.sha256,
+    )
+    result = finetune(source, splits, cfg, out, options=options, model=args.model)
+    s = result.summary
+    print(
+        f"test accuracy {100 * s['test_accuracy']:.2f}% after {s['train_seconds']:.1f} s of "
+        f"training; run folder {out}"
+    )
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from reslab.transfer.predict import predict_files
+
+    for path, top in predict_files(
+        args.checkpoint, args.images, topk=args.topk, image_size=args.image_size
+    ):
+        print(path)
+        for name, prob in top:
+            print(f"  {prob:7.2%}  {name}")
+    return 0
