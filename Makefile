@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/reslab summary resnet34
+	$(BIN)/reslab train
 
 test: $(STAMP)
 	$(BIN)/ruff check .

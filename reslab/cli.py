@@ -16,11 +16,13 @@ from collections.abc import Sequence
 SUBCOMMANDS: list[tuple[str, str]] = [
     ("summary", "reslab.commands.summary"),
     ("list", "reslab.commands.summary"),
+    ("train", "reslab.commands.train"),
+    ("eval", "reslab.commands.train"),
     ("finetune", "reslab.commands.finetune"),
     ("predict", "reslab.commands.finetune"),
 ]
 
-DEFAULT_COMMAND = ["summary", "resnet34"]
+DEFAULT_COMMAND = ["train"]  # the README's main job: a small ResNet on the bundled digits
 
 
 def build_parser() -> argparse.ArgumentParser:

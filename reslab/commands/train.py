@@ -1,0 +1,207 @@
+"""``reslab train`` and ``reslab eval``: parse, build configs, call :func:`reslab.train.fit`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from reslab.data import DataSplits, load_data
+from reslab.models import DenseConfig, build_model, get_config
+from reslab.train import PRESETS, TrainConfig, TrainingInterrupted, evaluate, fit
+from reslab.train.checkpoint import find_checkpoint, load_checkpoint, load_model
+
+DEFAULT_MODEL = "cifar_resnet20"
+
+# flag -> TrainConfig field, applied only when given on the command line
+_OVERRIDES = {
+    "iters": "iters",
+    "epochs": "epochs",
+    "seed": "seed",
+    "device": "device",
+    "compile": "compile",
+    "precision": "precision",
+    "batch_size": "batch_size",
+    "lr": "lr",
+    "sync_bn": "sync_bn",
+    "threads": "threads",
+    "eval_every": "eval_every",
+}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model (default: cifar_resnet20 on the bundled digits)",
+        description="Train a registered model. Flags override the recipe's values.",
+    )
+    p.add_argument("model", nargs="?", default=None, help=f"default: {DEFAULT_MODEL}")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="'digits' (default), a CIFAR python folder/.tar.gz, or an image folder/.zip "
+        "with train/ and test/",
+    )
+    p.add_argument(
+        "--recipe",
+        choices=list(PRESETS),
+        default=None,
+        help="default: digits for --data digits, else paper",
+    )
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--iters", type=int, default=None, help="optimiser steps")
+    length.add_argument("--epochs", type=float, default=None, help="passes over the train split")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="global batch over all ranks")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    p.add_argument("--sync-bn", action="store_true", default=None, help="DDP: SyncBatchNorm")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per process")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
+    p.add_argument("--val-size", type=int, default=None, help="held-out images (default 1/10)")
+    p.add_argument("--out", type=Path, default=None, help="run folder (default runs/NAME-TIME)")
+    p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR", help="continue a run")
+    p.set_defaults(func=run_train)
+
+    p = sub.add_parser("eval", help="test accuracy, per-class accuracy, confusion matrix")
+    p.add_argument("checkpoint", type=Path, metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("--data", default=None, help="default: the data the run was trained on")
+    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run_eval)
+
+
+def _model_for(name: str, splits: DataSplits) -> nn.Module:
+    """The registered model, with its input and classifier sized to the data."""
+    base = get_config(name)
+    if isinstance(base, DenseConfig):
+        features = splits.in_channels * splits.image_size**2
+        cfg = dataclasses.replace(
+            base, widths=(features, *base.widths[1:]), num_classes=splits.num_classes
+        )
+    else:
+        cfg = dataclasses.replace(
+            base, in_channels=splits.in_channels, num_classes=splits.num_classes
+        )
+    return build_model(cfg)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        field: getattr(args, flag)
+        for flag, field in _OVERRIDES.items()
+        if getattr(args, flag) is not None
+    }
+
+
+def run_train(args: argparse.Namespace) -> int:
+    if args.resume is not None:
+        return _resume(args)
+    data = args.data or "digits"
+    name = args.model or DEFAULT_MODEL
+    recipe = args.recipe or ("digits" if data == "digits" else "paper")
+    cfg = TrainConfig.preset(recipe, **_overrides(args))
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    splits = load_data(data, val_size=args.val_size, verbose=True)
+    torch.manual_seed(cfg.seed)  # the initial weights
+    model = _model_for(name, splits)
+    out = args.out
+    if out is None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("under torchrun pass --out RUN_DIR (every rank must agree on it)")
+        out = Path("runs") / f"{name}-{splits.name.split('.')[0]}-{time.strftime('%Y%m%d-%H%M%S')}"
+    info = {"model_name": name, "data_spec": data, "val_size": args.val_size}
+    print(f"train {name} on {splits.name} ({len(splits.train)} train / {len(splits.val)} val / "
+          f"{len(splits.test)} test), recipe {recipe}, run folder {out}")  # fmt: skip
+    return _fit(model, splits, cfg, out, info, resume=False)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    run_dir: Path = args.resume
+    config_file = run_dir / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"not a run folder (no config.json): {run_dir}")
+    saved = json.loads(config_file.read_text())
+    cfg = TrainConfig.from_dict({**saved["train_config"], **_overrides(args)})
+    if args.epochs is not None:
+        cfg = dataclasses.replace(cfg, iters=None)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    spec = args.data or saved["data_spec"]
+    splits = load_data(spec, val_size=saved.get("val_size"), verbose=True)
+    ckpt = load_checkpoint(find_checkpoint(run_dir, prefer="checkpoint_latest.pt"))
+    model = load_model(find_checkpoint(run_dir, prefer="checkpoint_latest.pt")).train()
+    info = {k: saved.get(k) for k in ("model_name", "data_spec", "val_size")}
+    print(f"resume {run_dir} at step {ckpt['step']}")
+    return _fit(model, splits, cfg, run_dir, info, resume=True)
+
+
+def _fit(
+    model: nn.Module,
+    splits: DataSplits,
+    cfg: TrainConfig,
+    out: Path,
+    info: dict[str, Any],
+    *,
+    resume: bool,
+) -> int:
+    try:
+        result = fit(model, splits, cfg, out, resume=resume, run_info=info, verbose=True)
+    except TrainingInterrupted as exc:
+        print(f"reslab train: {exc}", flush=True)
+        return 128 + exc.signum
+    s = result.summary
+    if s:
+        print(
+            f"test accuracy {100 * s['test_accuracy']:.2f}%  "
+            f"({s['train_seconds']:.0f} s of training, {s['images_per_second']:.0f} img/s)  "
+            f"-> {out}"
+        )
+    return 0
+
+
+def format_report(report: dict[str, Any], classes: list[str]) -> str:
+    lines = [f"{report['split']} accuracy: {100 * report['accuracy']:.2f}% (n={report['n']})", ""]
+    width = max(len(c) for c in classes)
+    lines.append(f"{'class':<{width}}  accuracy")
+    for c, a in zip(classes, report["per_class_accuracy"], strict=True):
+        lines.append(f"{c:<{width}}  {100 * a:7.2f}%")
+    lines += ["", "confusion matrix (rows: true class, columns: predicted)"]
+    cell = max(5, *(len(str(v)) + 1 for row in report["confusion"] for v in row))
+    lines.append(" " * width + "".join(f"{c[: cell - 1]:>{cell}}" for c in classes))
+    for c, row in zip(classes, report["confusion"], strict=True):
+        lines.append(f"{c:<{width}}" + "".join(f"{v:>{cell}}" for v in row))
+    return "\n".join(lines)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    path = find_checkpoint(args.checkpoint)
+    ckpt = load_checkpoint(path)
+    spec = args.data
+    if spec is None:
+        config_file = path.parent / "config.json"
+        if not config_file.exists():
+            raise ValueError("--data is needed (no config.json next to the checkpoint)")
+        spec = json.loads(config_file.read_text())["data_spec"]
+    splits = load_data(spec, classes=ckpt["classes"])
+    model = load_model(path)
+    device = "cuda" if args.device == "cuda" or (
+        args.device == "auto" and torch.cuda.is_available()
+    ) else "cpu"  # fmt: skip
+    model.to(device)
+    report = evaluate(model, getattr(splits, args.split), device=device)
+    report = {"checkpoint": str(path), "data": spec, "split": args.split, "step": ckpt["step"],
+              "classes": splits.classes, **report}  # fmt: skip
+    print(json.dumps(report) if args.json else format_report(report, splits.classes))
+    return 0
