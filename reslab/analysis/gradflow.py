@@ -1,0 +1,519 @@
+"""Gradient flow: per-block and per-weight-layer gradient norms, and how they change with depth.
+
+Seed 000 (Herberg 2023): in a plain net ``dL/dW_l`` carries the product of the layer Jacobians,
+which vanishes when each factor is below 1 and explodes when above; the residual form replaces
+each factor ``J`` by ``I + J`` so the product cannot vanish ("the exploding gradients problem can
+still occur"). Seeds 001/002 (He et al. 2016, eq. 5): ``dL/dx_l = dL/dx_L (1 + d/dx_l sum F)``.
+Seed 001 (after He et al. 2015, §4.1) adds that BatchNorm already keeps a plain net's gradients
+healthy. The sweeps here measure all of these, with and without normalisation.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from reslab.analysis.common import new_figure, sample_batch, save_figure
+from reslab.analysis.hooks import GradientRecorder, find_blocks, find_weight_layers
+from reslab.models import DenseConfig, build_model, get_config
+
+__all__ = [
+    "GradientProfile",
+    "conv_model",
+    "conv_sweep",
+    "dense_model",
+    "dense_sweep",
+    "gradient_profile",
+    "strip_norm",
+]
+
+
+@dataclass
+class GradientProfile:
+    """Gradient norms of one network for one batch.
+
+    ``blocks``: ``||dL/dx||`` at each residual unit's output (``x_{l+1}``), in forward order.
+    ``weights``: for each weight layer in forward order, ``||dL/dW||`` and ``||dL/d(Wx)||``.
+    ``first_last_ratio`` is the first weight layer's ``||dL/dW||`` over the last one's.
+    """
+
+    blocks: list[dict[str, Any]] = field(default_factory=list)
+    weights: list[dict[str, Any]] = field(default_factory=list)
+    loss: float = float("nan")
+
+    @property
+    def first_last_ratio(self) -> float:
+        if not self.weights:
+            return float("nan")
+        return self.weights[0]["weight_grad_norm"] / self.weights[-1]["weight_grad_norm"]
+
+    @property
+    def block_ratio(self) -> float:
+        """``||dL/dx||`` after the first unit over that after the last unit."""
+        if not self.blocks:
+            return float("nan")
+        return self.blocks[0]["grad_norm"] / self.blocks[-1]["grad_norm"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "first_last_ratio": self.first_last_ratio,
+            "block_ratio": self.block_ratio,
+            "loss": self.loss,
+            "blocks": self.blocks,
+            "weights": self.weights,
+        }
+
+
+def gradient_profile(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+    train_mode: bool = True,
+) -> GradientProfile:
+    """Run one forward/backward pass and record every block's and weight layer's gradient norm.
+
+    ``train_mode`` uses BatchNorm's batch statistics, as in the first training step. The model's
+    mode and any existing ``.grad`` are restored afterwards, and no hook stays on the model.
+    """
+    blocks = find_blocks(model)
+    weight_layers = find_weight_layers(model)
+    was_training = model.training
+    saved = {p: p.grad for p in model.parameters()}
+    for p in saved:
+        p.grad = None
+    model.train(train_mode)
+    try:
+        with GradientRecorder(blocks) as brec, GradientRecorder(weight_layers) as wrec:
+            loss = loss_fn(model(inputs), targets)
+            loss.backward()
+        by_name = dict(weight_layers)
+        weights = []
+        for r in wrec.records():
+            w = by_name[r.name].weight
+            g = w.grad
+            weights.append(
+                {
+                    "name": r.name,
+                    "weight_grad_norm": float(g.double().norm()) if g is not None else 0.0,
+                    "weight_norm": float(w.detach().double().norm()),
+                    "act_grad_norm": r.grad_norm,
+                    "output_std": r.output_std,
+                }
+            )
+        block_rows = [
+            {
+                "name": r.name,
+                "grad_norm": r.grad_norm,
+                "grad_rms": r.grad_rms,
+                "output_std": r.output_std,
+            }
+            for r in brec.records()
+        ]
+        return GradientProfile(block_rows, weights, float(loss.detach()))
+    finally:
+        model.train(was_training)
+        for p, g in saved.items():
+            p.grad = g
+
+
+# ------------------------------------------------------------------------------------------------
+# Model families for the sweeps
+# ------------------------------------------------------------------------------------------------
+
+
+def strip_norm(model: nn.Module) -> nn.Module:
+    """Replace every BatchNorm by the identity (an analysis-only variant; the zoo has no switch).
+
+    Used to ask seed 001's question: what do deep plain nets do *without* normalisation?
+    """
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(model, name, nn.Identity())
+        else:
+            strip_norm(child)
+    return model
+
+
+def conv_model(family: str, depth: int, *, norm: bool = True, in_channels: int = 3) -> nn.Module:
+    """A CIFAR network of ``depth`` = 6n+2 layers: ``plain``, ``resnet`` (post-activation, He et
+    al. 2015 §4.2) or ``preact`` (full pre-activation, He et al. 2016)."""
+    if (depth - 2) % 6:
+        raise ValueError(f"CIFAR depth must be 6n+2, got {depth}")
+    n = (depth - 2) // 6
+    base = {
+        "plain": "cifar_plain20",
+        "resnet": "cifar_resnet20",
+        "preact": "cifar_preact_resnet110",
+    }
+    if family not in base:
+        raise ValueError(f"unknown family {family!r}; valid choices: {', '.join(base)}")
+    model = build_model(get_config(base[family], layers=(n, n, n), in_channels=in_channels))
+    return model if norm else strip_norm(model)
+
+
+def dense_model(
+    depth: int,
+    *,
+    activation: str = "tanh",
+    residual: bool = True,
+    gain: float = 1.0,
+    tau: float = 1.0,
+    width: int = 64,
+    in_features: int = 64,
+) -> nn.Module:
+    """Seed 000's dense layer ``y + tau*sigma(Wy + b)`` (or its plain twin) ``depth`` times."""
+    cfg = DenseConfig.uniform(
+        in_features, width, depth, activation=activation, residual=residual, gain=gain, tau=tau
+    )
+    return build_model(cfg)
+
+
+# Dense conditions: (activation, gain). Gain scales PyTorch's default init (std = 1/sqrt(3 n)),
+# so per-layer Jacobian norms are below 1 for gain <= 1 with any of the three activations, and
+# above 1 for gain 4 with tanh/relu (sigmoid' <= 1/4 keeps it small).
+DENSE_CONDITIONS: list[tuple[str, float]] = [
+    ("sigmoid", 1.0),
+    ("tanh", 0.5),
+    ("tanh", 1.0),
+    ("tanh", 4.0),
+    ("relu", 1.0),
+    ("relu", 4.0),
+]
+
+# Conv conditions: (family, with BatchNorm).
+CONV_CONDITIONS: list[tuple[str, bool]] = [
+    ("plain", True),
+    ("resnet", True),
+    ("preact", True),
+    ("plain", False),
+    ("resnet", False),
+    ("preact", False),
+]
+
+
+def _row(profile: GradientProfile, seconds: float, **meta: Any) -> dict[str, Any]:
+    return {
+        **meta,
+        "first_last_ratio": profile.first_last_ratio,
+        "block_ratio": profile.block_ratio,
+        "first_weight_grad": profile.weights[0]["weight_grad_norm"],
+        "last_weight_grad": profile.weights[-1]["weight_grad_norm"],
+        "loss": profile.loss,
+        "seconds": round(seconds, 3),
+    }
+
+
+def dense_sweep(
+    depths: Sequence[int],
+    conditions: Sequence[tuple[str, float]] = DENSE_CONDITIONS,
+    *,
+    batch: tuple[Tensor, Tensor] | None = None,
+    batch_size: int = 128,
+    seed: int = 0,
+    keep_profiles: Sequence[int] = (),
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """First/last gradient ratios of plain and residual dense nets (no normalisation).
+
+    Computed in float64 so that ratios of 1e-60 are numbers, not underflowed zeros. Returns the
+    rows and the full per-layer profiles for the depths in ``keep_profiles``.
+    """
+    rows, profiles = [], {}
+    for activation, gain in conditions:
+        for residual in (False, True):
+            for depth in depths:
+                torch.manual_seed(seed)
+                model = dense_model(depth, activation=activation, residual=residual, gain=gain)
+                model.double()
+                if batch is None:
+                    x, y, _ = sample_batch(model, batch_size, seed=seed, dtype=torch.float64)
+                else:
+                    x, y = batch[0].double(), batch[1]
+                t0 = time.perf_counter()
+                prof = gradient_profile(model, x, y)
+                kind = "residual" if residual else "plain"
+                rows.append(
+                    _row(
+                        prof,
+                        time.perf_counter() - t0,
+                        family=kind,
+                        activation=activation,
+                        gain=gain,
+                        depth=depth,
+                    )
+                )
+                if depth in keep_profiles:
+                    profiles[f"{kind}-{activation}-gain{gain:g}-L{depth}"] = prof.to_dict()
+    return rows, profiles
+
+
+def conv_sweep(
+    depths: Sequence[int],
+    conditions: Sequence[tuple[str, bool]] = CONV_CONDITIONS,
+    *,
+    batch: tuple[Tensor, Tensor] | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    max_depth_without_norm: int = 110,
+    keep_profiles: Sequence[int] = (),
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """First/last gradient ratios of CIFAR plain / ResNet / pre-act ResNet at initialisation.
+
+    Without BN a residual net's forward signal doubles in variance every unit (Kaiming init), so
+    very deep un-normalised nets overflow; those are capped at ``max_depth_without_norm``.
+    """
+    rows, profiles = [], {}
+    for family, norm in conditions:
+        for depth in depths:
+            if not norm and depth > max_depth_without_norm:
+                continue
+            torch.manual_seed(seed)
+            model = conv_model(family, depth, norm=norm)
+            if batch is None:
+                x, y, _ = sample_batch(model, batch_size, seed=seed)
+            else:
+                x, y = batch
+            t0 = time.perf_counter()
+            prof = gradient_profile(model, x, y)
+            rows.append(_row(prof, time.perf_counter() - t0, family=family, norm=norm, depth=depth))
+            if depth in keep_profiles:
+                key = f"{family}-{'bn' if norm else 'nonorm'}-{depth}"
+                profiles[key] = prof.to_dict()
+            del model
+    return rows, profiles
+
+
+# ------------------------------------------------------------------------------------------------
+# Figures
+# ------------------------------------------------------------------------------------------------
+
+
+def plot_dense_sweep(rows: Sequence[dict[str, Any]], out_dir, name="gradflow_dense_depth.png"):
+    activations = sorted({r["activation"] for r in rows}, key=["sigmoid", "tanh", "relu"].index)
+    fig, axes = new_figure(ncols=len(activations), size=(4.2, 3.6))
+    for ax, act in zip(axes[0], activations, strict=True):
+        keys = sorted({(r["family"], r["gain"]) for r in rows if r["activation"] == act})
+        for family, gain in keys:
+            sel = [
+                r for r in rows if (r["activation"], r["family"], r["gain"]) == (act, family, gain)
+            ]
+            sel.sort(key=lambda r: r["depth"])
+            ys = [r["first_last_ratio"] or float("nan") for r in sel]
+            ax.plot(
+                [r["depth"] for r in sel],
+                ys,
+                "o-" if family == "residual" else "s--",
+                label=f"{family}, gain {gain:g}",
+            )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(f"dense, {act}, no normalisation")
+        ax.set_xlabel("layers L")
+        ax.set_ylabel("|dL/dW_first| / |dL/dW_last|")
+        ax.axhline(1.0, color="grey", lw=0.5)
+        ax.legend(fontsize=7)
+    return save_figure(fig, out_dir, name)
+
+
+def plot_conv_sweep(rows: Sequence[dict[str, Any]], out_dir, name="gradflow_conv_depth.png"):
+    fig, axes = new_figure(ncols=2, size=(4.6, 3.6))
+    for ax, norm in zip(axes[0], (True, False), strict=True):
+        for family in ("plain", "resnet", "preact"):
+            sel = sorted(
+                (r for r in rows if r["family"] == family and r["norm"] == norm),
+                key=lambda r: r["depth"],
+            )
+            if sel:
+                ax.plot(
+                    [r["depth"] for r in sel],
+                    [r["first_last_ratio"] or float("nan") for r in sel],
+                    "o-",
+                    label=family,
+                )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(f"CIFAR nets at init, {'with BN' if norm else 'BN removed'}")
+        ax.set_xlabel("layers")
+        ax.set_ylabel("|dL/dW_first| / |dL/dW_last|")
+        ax.axhline(1.0, color="grey", lw=0.5)
+        ax.legend(fontsize=8)
+    return save_figure(fig, out_dir, name)
+
+
+def plot_profiles(profiles: dict[str, dict[str, Any]], out_dir, name: str, title: str):
+    """Per-weight-layer ``||dL/dW||`` against layer index, one line per network."""
+    fig, axes = new_figure(size=(6.0, 3.8))
+    ax = axes[0][0]
+    for label, prof in profiles.items():
+        ys = [w["weight_grad_norm"] for w in prof["weights"]]
+        ax.plot(range(1, len(ys) + 1), ys, label=label, lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("weight layer (forward order)")
+    ax.set_ylabel("|dL/dW|")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return save_figure(fig, out_dir, name)
+
+
+def profile_named_models(
+    models: dict[str, nn.Module], *, data: str | None = None, batch_size: int = 8, seed: int = 0
+) -> dict[str, dict[str, Any]]:
+    """``gradient_profile`` of each named model on its natural input (see ``sample_batch``)."""
+    out = {}
+    for name, model in models.items():
+        x, y, source = sample_batch(model, batch_size, data=data, seed=seed)
+        torch.manual_seed(seed)
+        prof = gradient_profile(model, x, y)
+        out[name] = {**prof.to_dict(), "input": source, "batch_size": batch_size}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The experiment
+# ------------------------------------------------------------------------------------------------
+
+DENSE_DEPTHS = {"full": (10, 30, 100, 300, 1000), "quick": (10, 30, 100, 300, 1000)}
+CONV_DEPTHS = {"full": (20, 32, 44, 56, 110, 1202), "quick": (20, 56)}
+
+
+def run_sweeps(
+    out_dir, *, quick: bool = False, data: str | None = None, seed: int = 0
+) -> dict[str, Any]:
+    """Dense and CIFAR depth sweeps at initialisation, their figures and per-layer profiles."""
+    budget = "quick" if quick else "full"
+    dense_batch = None
+    source = "gaussian N(0,1), uniform labels"
+    if data is not None:
+        probe = dense_model(1)
+        x, y, source = sample_batch(probe, 128, data=data, seed=seed, dtype=torch.float64)
+        dense_batch = (x.flatten(1), y)
+    dense_rows, dense_prof = dense_sweep(
+        DENSE_DEPTHS[budget], batch=dense_batch, seed=seed, keep_profiles=(100,)
+    )
+    conv_rows, conv_prof = conv_sweep(CONV_DEPTHS[budget], seed=seed, keep_profiles=(56,))
+    plot_dense_sweep(dense_rows, out_dir)
+    plot_conv_sweep(conv_rows, out_dir)
+    keep = {k: v for k, v in dense_prof.items() if "sigmoid" in k or "tanh-gain0.5" in k}
+    plot_profiles(
+        keep,
+        out_dir,
+        "gradflow_dense_profile.png",
+        "dense nets, L = 100, at init (per weight layer)",
+    )
+    plot_profiles(
+        {k: v for k, v in conv_prof.items() if k.endswith("-bn-56")},
+        out_dir,
+        "gradflow_conv_profile.png",
+        "CIFAR nets, 56 layers, with BN, at init",
+    )
+    return {
+        "dense": {"input": source, "dtype": "float64", "rows": dense_rows, "profiles": dense_prof},
+        "conv": {
+            "input": "gaussian N(0,1) 3x32x32, uniform labels, batch 8, BN in train mode",
+            "rows": conv_rows,
+            "profiles": conv_prof,
+        },
+    }
+
+
+def run(
+    out_dir,
+    models: Sequence[str] = (),
+    *,
+    quick: bool = False,
+    data: str | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """``reslab analyze gradflow``: named models (or checkpoints) if given, else the sweeps."""
+    from pathlib import Path
+
+    from reslab.analysis.common import format_table, run_info, write_json
+    from reslab.models import create_model
+
+    payload: dict[str, Any] = {
+        "meta": run_info(experiment="gradflow", quick=quick, data=data, seed=seed)
+    }
+    figures = []
+    if models:
+        built = {}
+        for name in models:
+            if Path(name).is_file():
+                from reslab.train.checkpoint import load_model
+
+                built[name] = load_model(name)
+            else:
+                torch.manual_seed(seed)
+                built[name] = create_model(name)
+        payload.update(profile_named_models(built, data=data, batch_size=batch_size, seed=seed))
+        figures.append(
+            plot_profiles(
+                {k: payload[k] for k in built},
+                out_dir,
+                "gradflow_models.png",
+                "per weight layer, at init",
+            )
+        )
+        rows = [
+            {
+                "model": k,
+                "first_last_ratio": payload[k]["first_last_ratio"],
+                "block_ratio": payload[k]["block_ratio"],
+                "loss": payload[k]["loss"],
+            }
+            for k in built
+        ]
+        table = format_table(rows, ["model", "first_last_ratio", "block_ratio", "loss"])
+    else:
+        sweeps = run_sweeps(out_dir, quick=quick, data=data, seed=seed)
+        payload["sweeps"] = sweeps
+        # Every swept network under its own name, so the file has first_last_ratio per model.
+        for r in sweeps["dense"]["rows"]:
+            key = f"dense_{r['family']}{r['depth']}_{r['activation']}_gain{r['gain']:g}"
+            payload[key] = {
+                "first_last_ratio": r["first_last_ratio"],
+                "block_ratio": r["block_ratio"],
+            }
+        for r in sweeps["conv"]["rows"]:
+            key = f"cifar_{r['family']}{r['depth']}" + ("" if r["norm"] else "_nonorm")
+            payload[key] = {
+                "first_last_ratio": r["first_last_ratio"],
+                "block_ratio": r["block_ratio"],
+            }
+        figures += [
+            Path(out_dir) / n
+            for n in (
+                "gradflow_dense_depth.png",
+                "gradflow_conv_depth.png",
+                "gradflow_dense_profile.png",
+                "gradflow_conv_profile.png",
+            )
+        ]
+        rows = [
+            {
+                "net": f"dense {r['family']} {r['activation']} g{r['gain']:g}",
+                "L": r["depth"],
+                "first/last dW": r["first_last_ratio"],
+                "dx_1/dx_L": r["block_ratio"],
+            }
+            for r in sweeps["dense"]["rows"]
+        ]
+        rows += [
+            {
+                "net": f"cifar {r['family']} {'BN' if r['norm'] else 'no-BN'}",
+                "L": r["depth"],
+                "first/last dW": r["first_last_ratio"],
+                "dx_1/dx_L": r["block_ratio"],
+            }
+            for r in sweeps["conv"]["rows"]
+        ]
+        table = format_table(rows, ["net", "L", "first/last dW", "dx_1/dx_L"])
+    path = write_json(out_dir, "gradflow.json", payload)
+    return {"json": path, "figures": figures, "table": table, "data": payload}
