@@ -16,6 +16,7 @@ from collections.abc import Sequence
 SUBCOMMANDS: list[tuple[str, str]] = [
     ("summary", "reslab.commands.summary"),
     ("list", "reslab.commands.summary"),
+    ("analyze", "reslab.commands.analyze"),
     ("train", "reslab.commands.train"),
     ("eval", "reslab.commands.train"),
     ("finetune", "reslab.commands.finetune"),

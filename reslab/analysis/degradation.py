@@ -1,0 +1,153 @@
+"""The degradation problem (He et al. 2015, §4.1-4.2 and Fig. 6): with one recipe, deeper plain
+nets reach a *higher training error* than shallower ones, while deeper ResNets do not.
+
+Seed 001 (after He et al. 2015): "with more layers added to a sufficiently deep model, training
+error increases" - an optimisation difficulty, not overfitting. Seed 003 puts it the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from reslab.analysis.common import new_figure, save_figure
+from reslab.analysis.training import cifar_net, light_summary, train_net
+
+__all__ = ["degradation_runs", "plot_degradation"]
+
+
+def train_error(model: Any, splits: Any, limit: int = 5000) -> float:
+    """Error on (up to ``limit``) un-augmented training images, in eval mode."""
+    from reslab.data import Split
+    from reslab.train import evaluate
+
+    sub = Split(splits.train.images[:limit], splits.train.labels[:limit])
+    return evaluate(model, sub)["error"]
+
+
+def degradation_runs(
+    splits: Any,
+    cfg: Any,
+    *,
+    depths: Sequence[int] = (20, 32, 44, 56),
+    seed: int = 0,
+    log=print,
+) -> list[dict[str, Any]]:
+    """Train the plain and residual twin at each depth with ``cfg``; one row per network."""
+    rows = []
+    for family in ("plain", "resnet"):
+        for depth in depths:
+            name = f"{family}-{depth}"
+            model = cifar_net(
+                depth,
+                residual=family == "resnet",
+                in_channels=splits.in_channels,
+                num_classes=splits.num_classes,
+            )
+            run = train_net(name, model, splits, cfg, seed=seed)
+            row = {
+                "net": name,
+                "family": family,
+                "depth": depth,
+                "final_train_error": train_error(run.model, splits),
+                "test_error": 1.0 - run.summary["test_accuracy"],
+                "seconds": round(run.seconds, 1),
+                "summary": light_summary(run.summary),
+                "history": run.history,
+            }
+            rows.append(row)
+            log(
+                f"  {name}: train err {100 * row['final_train_error']:.2f}%  "
+                f"test err {100 * row['test_error']:.2f}%  ({row['seconds']:.0f} s)"
+            )
+    return rows
+
+
+def plot_degradation(
+    rows: Sequence[dict[str, Any]], out_dir, name: str = "degradation.png", title: str = ""
+):
+    """He et al. 2015 Fig. 6: training (dashed) and test (bold) error against iterations."""
+    fig, axes = new_figure(ncols=2, size=(5.0, 3.8))
+    depths = sorted({r["depth"] for r in rows})
+    colors = dict(
+        zip(
+            depths,
+            ["tab:orange", "tab:blue", "tab:red", "tab:green", "tab:purple", "tab:brown"],
+            strict=False,
+        )
+    )
+    for ax, family in zip(axes[0], ("plain", "resnet"), strict=True):
+        for r in (r for r in rows if r["family"] == family):
+            h = r["history"]
+            steps = [p["step"] for p in h]
+            c = colors[r["depth"]]
+            ax.plot(steps, [100 * p["train_error"] for p in h], "--", color=c, lw=1)
+            ax.plot(
+                steps,
+                [100 * p["test_error"] for p in h],
+                "-",
+                color=c,
+                lw=2,
+                label=f"{family}-{r['depth']}",
+            )
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("error (%)")
+        ax.set_title(f"{family} {title}".strip())
+        ax.legend(fontsize=8)
+    fig.suptitle("dashed: training error, bold: test error", fontsize=9)
+    return save_figure(fig, out_dir, name)
+
+
+def run(
+    out_dir,
+    *,
+    quick: bool = False,
+    data: str | None = None,
+    seed: int = 0,
+    iters: int | None = None,
+    depths: Sequence[int] | None = None,
+    train_fraction: float = 1.0,
+) -> dict[str, Any]:
+    """``reslab analyze degradation``: Fig. 6 curves and a final table."""
+    from reslab.analysis.common import format_table, run_info, write_json
+    from reslab.analysis.training import setup
+
+    splits, cfg = setup(
+        data,
+        quick=quick,
+        seed=seed,
+        iters=iters,
+        quick_iters=200,
+        full_iters=2000,
+        train_fraction=train_fraction,
+    )
+    depths = tuple(depths or (20, 32, 44, 56))
+    rows = degradation_runs(splits, cfg, depths=depths, seed=seed)
+    title = f"{splits.name}, {cfg.total_steps(len(splits.train))} it."
+    figures = [plot_degradation(rows, out_dir, title=title)]
+    payload = {
+        "meta": run_info(
+            experiment="degradation",
+            quick=quick,
+            data=splits.name,
+            seed=seed,
+            train_fraction=train_fraction,
+            train_images=len(splits.train),
+            train_config=cfg.to_dict(),
+        ),
+        "runs": rows,
+    }
+    path = write_json(out_dir, "degradation.json", payload)
+    table = format_table(
+        [
+            {
+                "net": r["net"],
+                "train_err_%": 100 * r["final_train_error"],
+                "test_err_%": 100 * r["test_error"],
+                "seconds": r["seconds"],
+            }
+            for r in rows
+        ],
+        ["net", "train_err_%", "test_err_%", "seconds"],
+    )
+    return {"json": path, "figures": figures, "table": table, "data": payload}

@@ -1,0 +1,175 @@
+"""Layer responses: the standard deviation of each residual branch's output before the addition.
+
+He et al. 2015, §4.2 and Fig. 7: "the responses are the outputs of each 3x3 layer, after BN and
+before other nonlinearity (ReLU/addition)". ResNets have generally smaller responses than their
+plain counterparts, which supports the idea that residual functions are closer to zero than
+non-residual ones; deeper ResNets have smaller responses still.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from reslab.analysis.common import new_figure, save_figure
+from reslab.analysis.hooks import find_blocks
+
+__all__ = ["branch_responses", "plot_responses"]
+
+
+class _RunningStd:
+    """Mean and standard deviation over every element seen, accumulated in float64."""
+
+    def __init__(self) -> None:
+        self.n, self.s, self.s2 = 0, 0.0, 0.0
+
+    def add(self, t: Tensor) -> None:
+        t = t.detach().double()
+        self.n += t.numel()
+        self.s += float(t.sum())
+        self.s2 += float((t * t).sum())
+
+    @property
+    def std(self) -> float:
+        mean = self.s / max(self.n, 1)
+        return max(self.s2 / max(self.n, 1) - mean * mean, 0.0) ** 0.5
+
+
+def _branch_bns(unit: nn.Module) -> list[str]:
+    """Names of the BNs inside the residual branch of a reslab unit, in forward order."""
+    return [op for op in getattr(unit, "ops", []) if op.startswith("bn")]
+
+
+@torch.no_grad()
+def branch_responses(model: nn.Module, images: Tensor, *, batch_size: int = 256) -> dict[str, Any]:
+    """Std of every branch BN output (``layers``) and of each unit's last one (``units``).
+
+    ``images`` are already normalised network inputs; the model runs in eval mode (the BN running
+    statistics, as at test time in the paper).
+    """
+    stats: dict[str, _RunningStd] = {}
+    handles = []
+    order: list[tuple[str, str, bool]] = []  # (key, unit name, is the branch's last layer)
+    for name, unit in find_blocks(model):
+        bns = _branch_bns(unit)
+        last = unit.last_branch_layer() if hasattr(unit, "last_branch_layer") else None
+        for bn in bns:
+            key = f"{name}.{bn}"
+            stats[key] = _RunningStd()
+            module = getattr(unit, bn)
+            order.append((key, name, module is last))
+            handles.append(module.register_forward_hook(lambda m, i, o, key=key: stats[key].add(o)))
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(images), batch_size):
+            model(images[i : i + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    layers = [
+        {"name": k, "unit": u, "last_in_branch": last, "std": stats[k].std} for k, u, last in order
+    ]
+    return {"layers": layers, "units": [r for r in layers if r["last_in_branch"]]}
+
+
+def plot_responses(results: dict[str, dict[str, Any]], out_dir, name: str = "responses.png"):
+    """Fig. 7 of He et al. 2015: std per layer in network order (top) and sorted (bottom)."""
+    fig, axes = new_figure(nrows=2, size=(6.4, 3.0))
+    for label, res in results.items():
+        stds = [r["std"] for r in res["layers"]]
+        style = "--" if label.startswith("plain") else "-"
+        axes[0][0].plot(range(1, len(stds) + 1), stds, style, label=label, lw=1.2)
+        axes[1][0].plot(
+            range(1, len(stds) + 1), sorted(stds, reverse=True), style, label=label, lw=1.2
+        )
+    axes[0][0].set_xlabel("layer index (original order)")
+    axes[1][0].set_xlabel("layer index (sorted by magnitude)")
+    for ax in (axes[0][0], axes[1][0]):
+        ax.set_ylabel("std of BN output")
+        ax.legend(fontsize=7)
+    axes[0][0].set_title("responses of the 3x3 layers (after BN, before ReLU/addition)")
+    return save_figure(fig, out_dir, name)
+
+
+def summarize(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for label, res in results.items():
+        stds = [r["std"] for r in res["layers"]]
+        last = [r["std"] for r in res["units"]]
+        rows.append(
+            {
+                "net": label,
+                "mean_std_all": sum(stds) / len(stds),
+                "mean_std_branch_end": sum(last) / len(last),
+                "max_std": max(stds),
+            }
+        )
+    return rows
+
+
+def responses_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return list(rows)
+
+
+def run(
+    out_dir,
+    *,
+    quick: bool = False,
+    data: str | None = None,
+    seed: int = 0,
+    iters: int | None = None,
+    depths: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """``reslab analyze responses``: train plain/residual twins, then Fig. 7 on the test set."""
+    from reslab.analysis.common import format_table, run_info, write_json
+    from reslab.analysis.training import cifar_net, light_summary, setup, train_net
+
+    splits, cfg = setup(data, quick=quick, seed=seed, iters=iters, quick_iters=300, full_iters=2000)
+    results, init, summaries = {}, {}, {}
+    for depth in depths:
+        for family in ("plain", "resnet"):
+            label = f"{family}-{depth}"
+            torch.manual_seed(seed)
+            model = cifar_net(
+                depth,
+                residual=family == "resnet",
+                in_channels=splits.in_channels,
+                num_classes=splits.num_classes,
+            )
+            run_ = train_net(label, model, splits, cfg, seed=seed)
+            x = run_.model.input_norm(splits.test.images)
+            results[label] = branch_responses(run_.model, x)
+            summaries[label] = light_summary(run_.summary)
+            torch.manual_seed(seed)
+            fresh = cifar_net(
+                depth,
+                residual=family == "resnet",
+                in_channels=splits.in_channels,
+                num_classes=splits.num_classes,
+            )
+            init[label] = branch_responses(fresh, x)
+    figures = [plot_responses(results, out_dir)]
+    payload = {
+        "meta": run_info(
+            experiment="responses",
+            quick=quick,
+            data=splits.name,
+            seed=seed,
+            train_config=cfg.to_dict(),
+        ),
+        "trained": results,
+        "init": init,
+        "training": summaries,
+        "summary": summarize(results),
+    }
+    path = write_json(out_dir, "responses.json", payload)
+    rows = [{**r, "test_acc": summaries[r["net"]]["test_accuracy"]} for r in summarize(results)]
+    table = format_table(
+        rows, ["net", "test_acc", "mean_std_all", "mean_std_branch_end", "max_std"]
+    )
+    return {"json": path, "figures": figures, "table": table, "data": payload}

@@ -1,0 +1,111 @@
+"""Training for the experiments goes through the library trainer (:func:`reslab.train.fit`).
+
+This module only builds the twins the experiments compare and fixes one recipe per experiment, so
+every network in a comparison is trained identically.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from reslab.models import build_model, get_config
+
+__all__ = ["TrainedNet", "cifar_net", "recipe", "train_net"]
+
+#: Default data sets: the 8x8 digits for --quick, CIFAR-10 as JPEG otherwise.
+CIFAR_ZIP = "../shared/data/cifar10-jpeg.zip"
+
+
+def cifar_net(
+    depth: int,
+    *,
+    residual: bool = True,
+    ordering: str = "original",
+    in_channels: int = 3,
+    num_classes: int = 10,
+    shortcut: str = "A",
+) -> nn.Module:
+    """He et al. 2015 §4.2's CIFAR net of ``depth = 6n + 2`` layers (or its plain twin)."""
+    if (depth - 2) % 6:
+        raise ValueError(f"CIFAR depth must be 6n+2 (20, 32, 44, 56, 110, ...), got {depth}")
+    n = (depth - 2) // 6
+    cfg = get_config(
+        "cifar_resnet20",
+        layers=(n, n, n),
+        ordering=ordering,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        shortcut=shortcut if residual else "none",
+    )
+    return build_model(cfg)
+
+
+def recipe(data_name: str, iters: int, *, seed: int = 0, **overrides: Any):
+    """One recipe for every network of an experiment: the trainer's ``digits`` preset on the
+    digits, its ``fast`` preset (SGD + Nesterov, one-cycle, bf16) elsewhere, cut to ``iters``."""
+    from reslab.train import TrainConfig
+
+    preset = "digits" if data_name == "digits" else "fast"
+    base: dict[str, Any] = {"iters": iters, "seed": seed, "device": "cpu"}
+    base["eval_every"] = max(1, iters // 10)  # ~10 points on the curves
+    base.update(overrides)
+    return TrainConfig.preset(preset, **base)
+
+
+@dataclass
+class TrainedNet:
+    name: str
+    model: nn.Module
+    history: list[dict[str, Any]]
+    summary: dict[str, Any]
+    seconds: float
+
+
+def train_net(name: str, model: nn.Module, splits: Any, cfg: Any, *, seed: int = 0) -> TrainedNet:
+    """``fit`` one network (nothing written to disk) and time it."""
+    from reslab.train import fit
+
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    result = fit(model, splits, cfg, None, verbose=False)
+    seconds = time.perf_counter() - t0
+    return TrainedNet(name, result.model, result.history, result.summary, seconds)
+
+
+def light_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    keep = (
+        "test_accuracy",
+        "val_accuracy",
+        "final_train_loss",
+        "train_seconds",
+        "images_per_second",
+        "steps",
+        "epochs",
+        "data",
+        "recipe",
+    )
+    return {k: summary.get(k) for k in keep}
+
+
+def setup(
+    data: str | None,
+    *,
+    quick: bool,
+    seed: int,
+    iters: int | None,
+    quick_iters: int,
+    full_iters: int,
+    train_fraction: float = 1.0,
+) -> tuple[Any, Any]:
+    """The data (digits for --quick, else CIFAR-10 JPEG) and the one recipe of an experiment."""
+    from reslab.analysis.common import load_splits
+
+    data = data or ("digits" if quick else CIFAR_ZIP)
+    splits = load_splits(data, seed=seed, train_fraction=train_fraction)
+    cfg = recipe(splits.name, iters or (quick_iters if quick else full_iters), seed=seed)
+    return splits, cfg
