@@ -1,0 +1,241 @@
+"""Data layer: readers, cache, splits, on-device augmentation and normalisation."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tarfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import reslab.data as data_mod
+from reslab.data import Normalize, load_data, random_crop_flip
+
+CIFAR_ZIP = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpeg.zip"
+CLASSES10 = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
+
+
+# -- fixtures: tiny data sets in the real formats --
+def _cifar_batch(n: int, rng: np.random.Generator) -> dict:
+    return {
+        b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        b"labels": rng.integers(0, 10, n).tolist(),
+        b"batch_label": b"tiny",
+    }
+
+
+@pytest.fixture
+def cifar_dir(tmp_path: Path) -> Path:
+    """CIFAR-10 python format: 5 train batches of 8 images, a test batch of 6, and the meta file."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    for name, n in [*((f"data_batch_{i}", 8) for i in range(1, 6)), ("test_batch", 6)]:
+        (root / name).write_bytes(pickle.dumps(_cifar_batch(n, rng)))
+    meta = {b"label_names": [c.encode() for c in CLASSES10]}
+    (root / "batches.meta").write_bytes(pickle.dumps(meta))
+    return root
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def folder_zip(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    """top/{train,test}/{cat,dog}/*.png in a zip; PNG is lossless, so pixels can be compared."""
+    rng = np.random.default_rng(1)
+    pixels = {}
+    path = tmp_path / "pets.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        for split, n in (("train", 6), ("test", 2)):
+            for cls in ("dog", "cat"):
+                for i in range(n):
+                    a = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+                    name = f"top/{split}/{cls}/{i:03d}.png"
+                    zf.writestr(name, _png(a))
+                    pixels[name] = a
+    return path, pixels
+
+
+# -- readers --
+def test_digits_fixed_test_split_and_seeded_val() -> None:
+    a, b = load_data("digits", seed=0), load_data("digits", seed=1)
+    assert a.train.images.dtype == torch.uint8 and a.train.images.shape[1:] == (1, 8, 8)
+    assert len(a.train) + len(a.val) + len(a.test) == 1797
+    assert len(a.val) == (len(a.train) + len(a.val)) // 10  # the 45k/5k proportion
+    assert torch.equal(a.test.images, b.test.images)  # the test split never moves
+    assert not torch.equal(a.val.labels, b.val.labels) or not torch.equal(
+        a.val.images, b.val.images
+    )
+    assert a.num_classes == 10 and a.in_channels == 1 and a.image_size == 8
+    assert int(a.train.images.max()) == 255
+
+
+def test_cifar_python_folder_and_tar_gz(cifar_dir: Path, tmp_path: Path) -> None:
+    tar = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(tar, "w:gz") as tf:
+        tf.add(cifar_dir, arcname="cifar-10-batches-py")
+    d = load_data(str(cifar_dir), cache_dir=tmp_path / "cache", val_size=0)
+    t = load_data(str(tar), cache_dir=tmp_path / "cache", val_size=0)
+    assert d.classes == CLASSES10 and t.classes == CLASSES10
+    assert len(d.train) == 40 and len(d.test) == 6
+    assert torch.equal(d.train.images, t.train.images) and torch.equal(d.test.labels, t.test.labels)
+    # the row layout is 1024 red, then green, then blue values, row-major
+    first = pickle.loads((cifar_dir / "data_batch_1").read_bytes())[b"data"][0]
+    assert torch.equal(d.train.images[0], torch.from_numpy(first.reshape(3, 32, 32)))
+    assert d.train.images.shape == (40, 3, 32, 32)
+
+
+def test_image_folder_zip_and_dir(folder_zip, tmp_path: Path) -> None:
+    path, pixels = folder_zip
+    s = load_data(str(path), cache_dir=tmp_path / "cache", val_size=0)
+    assert s.classes == ["cat", "dog"]  # sorted folder names
+    assert len(s.train) == 12 and len(s.test) == 4
+    expected = torch.from_numpy(pixels["top/train/cat/000.png"]).permute(2, 0, 1)
+    assert torch.equal(s.train.images[0], expected) and int(s.train.labels[0]) == 0
+    expected = torch.from_numpy(pixels["top/test/dog/001.png"]).permute(2, 0, 1)
+    assert torch.equal(s.test.images[-1], expected) and int(s.test.labels[-1]) == 1
+    folder = tmp_path / "unzipped"
+    with zipfile.ZipFile(path) as zf:
+        zf.extractall(folder)
+    f = load_data(str(folder), cache_dir=tmp_path / "cache", val_size=0)
+    assert torch.equal(f.train.images, s.train.images) and f.classes == s.classes
+
+
+def test_classes_and_train_fraction(folder_zip, tmp_path: Path) -> None:
+    path, _ = folder_zip
+    s = load_data(str(path), cache_dir=tmp_path, classes=["dog"], val_size=0, train_fraction=0.5)
+    assert s.classes == ["dog"] and set(s.train.labels.tolist()) == {0}
+    assert len(s.train) == 3 and len(s.test) == 2
+    with pytest.raises(ValueError, match="unknown classes"):
+        load_data(str(path), cache_dir=tmp_path, classes=["cow"])
+
+
+def test_cache_hit_and_invalidation(folder_zip, tmp_path: Path, monkeypatch) -> None:
+    path, _ = folder_zip
+    cache = tmp_path / "cache"
+    first = load_data(str(path), cache_dir=cache)
+    assert len(list(cache.glob("pets.zip.*.pt"))) == 1
+
+    def fail(p: Path) -> None:
+        raise AssertionError("decoded again despite a valid cache")
+
+    monkeypatch.setattr(data_mod, "read_image_folder", fail)
+    again = load_data(str(path), cache_dir=cache)  # a hit: the reader is not called
+    assert torch.equal(first.train.images, again.train.images)
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))  # the source changed: a miss
+    with pytest.raises(AssertionError, match="decoded again"):
+        load_data(str(path), cache_dir=cache)
+
+
+@pytest.mark.skipif(
+    not CIFAR_ZIP.exists(), reason=f"real CIFAR-10 JPEG archive absent: {CIFAR_ZIP}"
+)
+def test_real_cifar10_reloads_from_cache_within_1s() -> None:
+    load_data(str(CIFAR_ZIP))  # decodes once (~15 s) if the cache is cold
+    t0 = time.perf_counter()
+    s = load_data(str(CIFAR_ZIP))
+    assert time.perf_counter() - t0 <= 1.0
+    assert (len(s.train), len(s.val), len(s.test)) == (45_000, 5_000, 10_000)  # He et al. §4.2
+    assert s.classes == CLASSES10 and s.train.images.shape[1:] == (3, 32, 32)
+
+
+# -- errors name the file --
+def test_missing_and_corrupt_files_are_named(tmp_path: Path, folder_zip) -> None:
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.zip"):
+        load_data(str(tmp_path / "nowhere.zip"))
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(b"not a zip at all")
+    with pytest.raises(ValueError, match=r"bad\.zip"):
+        load_data(str(bad), cache_dir=tmp_path)
+    broken = tmp_path / "broken.zip"  # a valid archive holding one corrupt image
+    with zipfile.ZipFile(folder_zip[0]) as src, zipfile.ZipFile(broken, "w") as dst:
+        for name in src.namelist():
+            dst.writestr(name, src.read(name))
+        dst.writestr("top/train/cat/999.png", b"\x89PNG garbage")
+    with pytest.raises(ValueError, match=r"broken.zip:top/train/cat/999.png"):
+        load_data(str(broken), cache_dir=tmp_path)
+    tar = tmp_path / "cifar-10-python.tar.gz"
+    tar.write_bytes(b"\x1f\x8b truncated")
+    with pytest.raises(ValueError, match=r"cifar-10-python\.tar\.gz"):
+        load_data(str(tar), cache_dir=tmp_path)
+
+
+def test_cifar_batch_that_runs_code_is_refused(cifar_dir: Path, tmp_path: Path) -> None:
+    (cifar_dir / "test_batch").write_bytes(pickle.dumps(os.system))
+    with pytest.raises(ValueError, match="test_batch"):
+        load_data(str(cifar_dir), cache_dir=tmp_path)
+
+
+# -- augmentation --
+def _marker_batch(n: int = 64, size: int = 32) -> torch.Tensor:
+    """Identical images, each with one bright pixel at (10, 12) so its displacement shows."""
+    x = torch.full((n, 3, size, size), 7, dtype=torch.uint8)
+    x[:, :, 10, 12] = 255
+    return x
+
+
+def test_crop_moves_content_per_sample_within_padding() -> None:
+    g = torch.Generator().manual_seed(0)
+    out = random_crop_flip(_marker_batch(), padding=4, flip=False, generator=g)
+    assert out.shape == (64, 3, 32, 32) and out.dtype == torch.uint8
+    shifts = set()
+    for img in out:
+        pos = torch.nonzero(img[0] == 255)
+        if len(pos):  # the marker may leave the frame only when shifted > 10 px: never here
+            shifts.add((int(pos[0, 0]) - 10, int(pos[0, 1]) - 12))
+    assert len(shifts) > 20  # per-sample offsets, not one per batch
+    assert all(-4 <= dy <= 4 and -4 <= dx <= 4 for dy, dx in shifts)
+    # zero padding: whenever content moved, a border row or column of zeros came in
+    moved = [img for img in out if not torch.equal(img, _marker_batch(1)[0])]
+    assert moved and all((img == 0).any() for img in moved)
+
+
+def test_flip_mirrors_half_and_keeps_pixels() -> None:
+    x = torch.randint(0, 256, (200, 3, 8, 8), dtype=torch.uint8)
+    out = random_crop_flip(x, padding=0, flip=True, generator=torch.Generator().manual_seed(1))
+    same = (out == x).flatten(1).all(1)
+    mirrored = (out == x.flip(3)).flatten(1).all(1)
+    assert bool((same | mirrored).all())
+    assert 60 < int(mirrored.sum()) < 140  # about half, drawn per sample
+
+
+def test_augmentation_deterministic_under_seed() -> None:
+    x = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
+    a = random_crop_flip(x, generator=torch.Generator().manual_seed(5))
+    b = random_crop_flip(x, generator=torch.Generator().manual_seed(5))
+    c = random_crop_flip(x, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_normalize_pixel_and_channel() -> None:
+    x = torch.randint(0, 256, (100, 3, 4, 4), dtype=torch.uint8)
+    pixel = Normalize.fit(x, "pixel")
+    assert pixel.mean.shape == (3, 4, 4)
+    assert pixel(x).mean(0).abs().max() < 1e-5  # per-pixel mean subtracted (He et al. §4.2)
+    channel = Normalize.fit(x, "channel")
+    y = channel(x)
+    assert y.mean((0, 2, 3)).abs().max() < 1e-5 and (y.std((0, 2, 3)) - 1).abs().max() < 1e-3
+    again = Normalize.from_dict(channel.to_dict())
+    assert torch.equal(again(x), y)
