@@ -107,6 +107,9 @@ def run(
     iters: int | None = None,
     depths: Sequence[int] | None = None,
     train_fraction: float = 1.0,
+    val_size: int | None = None,
+    test_size: int | None = None,
+    train_overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``reslab analyze degradation``: Fig. 6 curves and a final table."""
     from reslab.analysis.common import format_table, run_info, write_json
@@ -120,6 +123,9 @@ def run(
         quick_iters=200,
         full_iters=2000,
         train_fraction=train_fraction,
+        val_size=val_size,
+        test_size=test_size,
+        train_overrides=train_overrides,
     )
     depths = tuple(depths or (20, 32, 44, 56))
     rows = degradation_runs(splits, cfg, depths=depths, seed=seed)
@@ -133,6 +139,8 @@ def run(
             seed=seed,
             train_fraction=train_fraction,
             train_images=len(splits.train),
+            val_images=len(splits.val),
+            test_images=len(splits.test),
             train_config=cfg.to_dict(),
         ),
         "runs": rows,

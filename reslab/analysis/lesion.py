@@ -128,6 +128,7 @@ def run(
     seed: int = 0,
     iters: int | None = None,
     depth: int = 20,
+    train_overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``reslab analyze lesion``: train a ResNet and its plain twin, delete each unit in turn."""
     import torch
@@ -135,7 +136,15 @@ def run(
     from reslab.analysis.common import format_table, run_info, write_json
     from reslab.analysis.training import cifar_net, light_summary, setup, train_net
 
-    splits, cfg = setup(data, quick=quick, seed=seed, iters=iters, quick_iters=300, full_iters=2000)
+    splits, cfg = setup(
+        data,
+        quick=quick,
+        seed=seed,
+        iters=iters,
+        quick_iters=300,
+        full_iters=2000,
+        train_overrides=train_overrides,
+    )
     results, summaries = {}, {}
     for family in ("resnet", "plain"):
         label = f"{family}-{depth}"

@@ -200,7 +200,7 @@ def learnable_vs_fixed_tau(
         out[mode] = {
             "test_accuracy": result.summary.get("test_accuracy"),
             "val_accuracy": result.summary.get("val_accuracy"),
-            "taus": [float(layer.tau) for layer in result.model.layers],
+            "taus": [float(layer.tau.detach()) for layer in result.model.layers],
             "seconds": round(time.perf_counter() - t0, 1),
             "history": result.history,
         }

@@ -95,6 +95,9 @@ def run(
     iters: int | None = None,
     depth: int | None = None,
     train_fraction: float = 1.0,
+    val_size: int | None = None,
+    test_size: int | None = None,
+    train_overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``reslab analyze orderings``: the five orderings, one recipe, table next to Table 2."""
     from reslab.analysis.common import format_table, run_info, write_json
@@ -108,6 +111,9 @@ def run(
         quick_iters=200,
         full_iters=2000,
         train_fraction=train_fraction,
+        val_size=val_size,
+        test_size=test_size,
+        train_overrides=train_overrides,
     )
     depth = depth or (20 if quick else 110)
     rows = ordering_runs(splits, cfg, depth=depth, seed=seed)
@@ -121,6 +127,8 @@ def run(
             seed=seed,
             train_fraction=train_fraction,
             train_images=len(splits.train),
+            val_images=len(splits.val),
+            test_images=len(splits.test),
             train_config=cfg.to_dict(),
         ),
         "runs": rows,

@@ -124,12 +124,22 @@ def run(
     seed: int = 0,
     iters: int | None = None,
     depths: Sequence[int] | None = None,
+    train_overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``reslab analyze responses``: train plain/residual twins, then Fig. 7 on the test set."""
     from reslab.analysis.common import format_table, run_info, write_json
     from reslab.analysis.training import cifar_net, light_summary, setup, train_net
 
-    splits, cfg = setup(data, quick=quick, seed=seed, iters=iters, quick_iters=300, full_iters=2000)
+    splits, cfg = setup(
+        data,
+        quick=quick,
+        seed=seed,
+        iters=iters,
+        quick_iters=300,
+        full_iters=2000,
+        train_overrides=train_overrides,
+    )
+    depths = tuple(depths or ((20,) if quick else (20, 56)))
     results, init, summaries = {}, {}, {}
     for depth in depths:
         for family in ("plain", "resnet"):

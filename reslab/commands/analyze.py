@@ -52,6 +52,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             e.add_argument("--seed", type=int, default=0)
         if name in ("degradation", "responses", "lesion", "ode", "orderings"):
             e.add_argument("--iters", type=int, default=None, help="optimiser steps per network")
+        if name in ("degradation", "responses", "lesion", "orderings"):
+            e.add_argument(
+                "--recipe",
+                default=None,
+                choices=("digits", "fast", "paper"),
+                help="trainer preset (default: digits on digits, else fast in fp32)",
+            )
+            e.add_argument("--batch-size", type=int, default=None)
+            e.add_argument("--lr", type=float, default=None)
+            e.add_argument("--eval-every", type=int, default=None)
         if name in ("degradation", "responses"):
             e.add_argument("--depths", type=int, nargs="+", default=None)
         if name in ("lesion", "orderings"):
@@ -62,6 +72,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                 type=float,
                 default=1.0,
                 help="keep this fraction of each class's training images",
+            )
+            e.add_argument("--val-size", type=int, default=None, help="validation images")
+            e.add_argument(
+                "--test-size",
+                type=int,
+                default=None,
+                help="evaluate on a seeded random subset of this many test images",
             )
         e.add_argument(
             "--threads",
@@ -77,11 +94,20 @@ def run_analyze(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     kw = {
         k: getattr(args, k)
-        for k in ("data", "seed", "iters", "depths", "train_fraction")
+        for k in ("data", "seed", "iters", "depths", "train_fraction", "val_size", "test_size")
         if getattr(args, k, None) is not None
     }
     if getattr(args, "depth", None) is not None:
         kw["depth"] = args.depth
+    overrides = {
+        k: getattr(args, k)
+        for k in ("recipe", "batch_size", "lr", "eval_every")
+        if getattr(args, k, None) is not None and args.experiment != "gradflow"
+    }
+    if overrides:
+        if "recipe" in overrides:
+            overrides["preset"] = overrides.pop("recipe")
+        kw["train_overrides"] = overrides
     if args.experiment == "gradflow":
         kw.update(models=args.models, batch_size=args.batch_size)
     module = importlib.import_module(f"reslab.analysis.{args.experiment}")
