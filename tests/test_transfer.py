@@ -301,3 +301,15 @@ def test_finetune_and_predict_cli(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert lines[0].endswith("digit0.png") and len(lines) == 8
     probs = [float(line.split("%")[0]) for line in lines[1:4]]
     assert probs == sorted(probs, reverse=True) and lines[1].split()[-1] in "0123456789"
+
+
+def test_foreign_file_needs_a_model_name(tmp_path: Path) -> None:
+    from reslab.transfer import pretrained_model
+
+    ref = randomize_bn(torchvision.models.resnet18())
+    path = save_pth(ref.state_dict(), tmp_path / "tv18.pth")
+    with pytest.raises(ValueError, match="name the registered model"):
+        pretrained_model(path, num_classes=4, in_channels=1)
+    net, report = pretrained_model(path, num_classes=4, in_channels=1, model="resnet18")
+    assert net.conv1.in_channels == 1 and net.fc.out_features == 4 and report.ok
+    assert len(report.adapted) == 2
