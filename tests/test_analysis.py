@@ -231,3 +231,17 @@ def test_cli_training_experiments_tiny(tmp_path, experiment) -> None:
             6.37,
         ]
     assert list(tmp_path.glob("*.png"))
+
+
+def test_cli_gradflow_on_a_checkpoint(tmp_path) -> None:
+    from reslab.train.checkpoint import model_record, save_checkpoint
+
+    torch.manual_seed(0)
+    model = gradflow.dense_model(10, activation="tanh")
+    ckpt = tmp_path / "dense.pt"
+    save_checkpoint(model_record(model), ckpt)
+    assert main(["analyze", "gradflow", str(ckpt), "--out", str(tmp_path / "gf")]) == 0
+    data = json.loads((tmp_path / "gf" / "gradflow.json").read_text())
+    x, y, _ = gradflow.sample_batch(model, 8)
+    expected = gradflow.gradient_profile(model, x, y).first_last_ratio
+    assert data[str(ckpt)]["first_last_ratio"] == pytest.approx(expected, rel=1e-5)

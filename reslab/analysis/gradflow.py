@@ -445,7 +445,7 @@ def run(
     if models:
         built = {}
         for name in models:
-            if Path(name).is_file():
+            if Path(name).exists():  # a checkpoint file or a run folder
                 from reslab.train.checkpoint import load_model
 
                 built[name] = load_model(name)
