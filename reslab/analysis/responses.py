@@ -65,8 +65,9 @@ def branch_responses(model: nn.Module, images: Tensor, *, batch_size: int = 256)
     was_training = model.training
     model.eval()
     try:
+        device = next(model.parameters()).device
         for i in range(0, len(images), batch_size):
-            model(images[i : i + batch_size])
+            model(images[i : i + batch_size].to(device))
     finally:
         for h in handles:
             h.remove()

@@ -54,7 +54,7 @@ def recipe(
     from reslab.train import TrainConfig
 
     preset = preset or ("digits" if data_name == "digits" else "fast")
-    base: dict[str, Any] = {"iters": iters, "seed": seed, "device": "cpu"}
+    base: dict[str, Any] = {"iters": iters, "seed": seed}
     if preset == "fast":
         # The preset's bf16 autocast ran ~10x slower than fp32 on this CPU (no bf16 units):
         # 18 s vs 1.8 s per ResNet-20 step of 128 images on one thread.
