@@ -11,7 +11,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from reslab.analysis.common import new_figure, save_figure
-from reslab.analysis.training import cifar_net, light_summary, train_net
+from reslab.analysis.training import (
+    TrainSpec,
+    cifar_net,
+    experiment_meta,
+    light_summary,
+    setup,
+    train_net,
+)
 
 __all__ = ["degradation_runs", "plot_degradation"]
 
@@ -102,47 +109,20 @@ def run(
     out_dir,
     *,
     quick: bool = False,
-    data: str | None = None,
-    seed: int = 0,
-    iters: int | None = None,
+    spec: TrainSpec | None = None,
     depths: Sequence[int] | None = None,
-    train_fraction: float = 1.0,
-    val_size: int | None = None,
-    test_size: int | None = None,
-    train_overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``reslab analyze degradation``: Fig. 6 curves and a final table."""
-    from reslab.analysis.common import format_table, run_info, write_json
-    from reslab.analysis.training import setup
+    from reslab.analysis.common import format_table, write_json
 
-    splits, cfg = setup(
-        data,
-        quick=quick,
-        seed=seed,
-        iters=iters,
-        quick_iters=200,
-        full_iters=2000,
-        train_fraction=train_fraction,
-        val_size=val_size,
-        test_size=test_size,
-        train_overrides=train_overrides,
-    )
+    spec = spec or TrainSpec()
+    splits, cfg = setup(spec, quick=quick, quick_iters=200, full_iters=2000)
     depths = tuple(depths or (20, 32, 44, 56))
-    rows = degradation_runs(splits, cfg, depths=depths, seed=seed)
+    rows = degradation_runs(splits, cfg, depths=depths, seed=spec.seed)
     title = f"{splits.name}, {cfg.total_steps(len(splits.train))} it."
     figures = [plot_degradation(rows, out_dir, title=title)]
     payload = {
-        "meta": run_info(
-            experiment="degradation",
-            quick=quick,
-            data=splits.name,
-            seed=seed,
-            train_fraction=train_fraction,
-            train_images=len(splits.train),
-            val_images=len(splits.val),
-            test_images=len(splits.test),
-            train_config=cfg.to_dict(),
-        ),
+        "meta": experiment_meta("degradation", spec, splits, cfg, quick=quick),
         "runs": rows,
     }
     path = write_json(out_dir, "degradation.json", payload)

@@ -16,6 +16,14 @@ from torch import Tensor, nn
 
 from reslab.analysis.common import new_figure, save_figure
 from reslab.analysis.hooks import find_blocks
+from reslab.analysis.training import (
+    TrainSpec,
+    cifar_net,
+    experiment_meta,
+    light_summary,
+    setup,
+    train_net,
+)
 
 __all__ = ["DeletedUnit", "deleted", "lesion_study"]
 
@@ -124,49 +132,32 @@ def run(
     out_dir,
     *,
     quick: bool = False,
-    data: str | None = None,
-    seed: int = 0,
-    iters: int | None = None,
+    spec: TrainSpec | None = None,
     depth: int = 20,
-    train_overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``reslab analyze lesion``: train a ResNet and its plain twin, delete each unit in turn."""
     import torch
 
-    from reslab.analysis.common import format_table, run_info, write_json
-    from reslab.analysis.training import cifar_net, light_summary, setup, train_net
+    from reslab.analysis.common import format_table, write_json
 
-    splits, cfg = setup(
-        data,
-        quick=quick,
-        seed=seed,
-        iters=iters,
-        quick_iters=300,
-        full_iters=2000,
-        train_overrides=train_overrides,
-    )
+    spec = spec or TrainSpec()
+    splits, cfg = setup(spec, quick=quick, quick_iters=300, full_iters=2000)
     results, summaries = {}, {}
     for family in ("resnet", "plain"):
         label = f"{family}-{depth}"
-        torch.manual_seed(seed)
+        torch.manual_seed(spec.seed)
         model = cifar_net(
             depth,
             residual=family == "resnet",
             in_channels=splits.in_channels,
             num_classes=splits.num_classes,
         )
-        trained = train_net(label, model, splits, cfg, seed=seed)
+        trained = train_net(label, model, splits, cfg, seed=spec.seed)
         summaries[label] = light_summary(trained.summary)
         results[label] = lesion_study(trained.model, splits.test)
     figures = [plot_lesion(results, out_dir)]
     payload = {
-        "meta": run_info(
-            experiment="lesion",
-            quick=quick,
-            data=splits.name,
-            seed=seed,
-            train_config=cfg.to_dict(),
-        ),
+        "meta": experiment_meta("lesion", spec, splits, cfg, quick=quick),
         "results": results,
         "training": summaries,
     }

@@ -16,6 +16,14 @@ from torch import Tensor, nn
 
 from reslab.analysis.common import new_figure, save_figure
 from reslab.analysis.hooks import find_blocks
+from reslab.analysis.training import (
+    TrainSpec,
+    cifar_net,
+    experiment_meta,
+    light_summary,
+    setup,
+    train_net,
+)
 
 __all__ = ["branch_responses", "plot_responses"]
 
@@ -121,42 +129,31 @@ def run(
     out_dir,
     *,
     quick: bool = False,
-    data: str | None = None,
-    seed: int = 0,
-    iters: int | None = None,
+    spec: TrainSpec | None = None,
     depths: Sequence[int] | None = None,
-    train_overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``reslab analyze responses``: train plain/residual twins, then Fig. 7 on the test set."""
-    from reslab.analysis.common import format_table, run_info, write_json
-    from reslab.analysis.training import cifar_net, light_summary, setup, train_net
+    from reslab.analysis.common import format_table, write_json
 
-    splits, cfg = setup(
-        data,
-        quick=quick,
-        seed=seed,
-        iters=iters,
-        quick_iters=300,
-        full_iters=2000,
-        train_overrides=train_overrides,
-    )
+    spec = spec or TrainSpec()
+    splits, cfg = setup(spec, quick=quick, quick_iters=300, full_iters=2000)
     depths = tuple(depths or ((20,) if quick else (20, 56)))
     results, init, summaries = {}, {}, {}
     for depth in depths:
         for family in ("plain", "resnet"):
             label = f"{family}-{depth}"
-            torch.manual_seed(seed)
+            torch.manual_seed(spec.seed)
             model = cifar_net(
                 depth,
                 residual=family == "resnet",
                 in_channels=splits.in_channels,
                 num_classes=splits.num_classes,
             )
-            run_ = train_net(label, model, splits, cfg, seed=seed)
+            run_ = train_net(label, model, splits, cfg, seed=spec.seed)
             x = run_.model.input_norm(splits.test.images)
             results[label] = branch_responses(run_.model, x)
             summaries[label] = light_summary(run_.summary)
-            torch.manual_seed(seed)
+            torch.manual_seed(spec.seed)
             fresh = cifar_net(
                 depth,
                 residual=family == "resnet",
@@ -166,13 +163,7 @@ def run(
             init[label] = branch_responses(fresh, x)
     figures = [plot_responses(results, out_dir)]
     payload = {
-        "meta": run_info(
-            experiment="responses",
-            quick=quick,
-            data=splits.name,
-            seed=seed,
-            train_config=cfg.to_dict(),
-        ),
+        "meta": experiment_meta("responses", spec, splits, cfg, quick=quick),
         "trained": results,
         "init": init,
         "training": summaries,

@@ -6,8 +6,9 @@ every network in a comparison is trained identically.
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -15,7 +16,15 @@ from torch import nn
 
 from reslab.models import build_model, get_config
 
-__all__ = ["TrainedNet", "cifar_net", "recipe", "train_net"]
+__all__ = [
+    "TrainSpec",
+    "TrainedNet",
+    "cifar_net",
+    "experiment_meta",
+    "recipe",
+    "setup",
+    "train_net",
+]
 
 #: Default data sets: the 8x8 digits for --quick, CIFAR-10 as JPEG otherwise.
 CIFAR_ZIP = "../shared/data/cifar10-jpeg.zip"
@@ -99,37 +108,57 @@ def light_summary(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: summary.get(k) for k in keep}
 
 
-def setup(
-    data: str | None,
-    *,
-    quick: bool,
-    seed: int,
-    iters: int | None,
-    quick_iters: int,
-    full_iters: int,
-    train_fraction: float = 1.0,
-    val_size: int | None = None,
-    test_size: int | None = None,
-    train_overrides: dict[str, Any] | None = None,
-) -> tuple[Any, Any]:
-    """The data (digits for --quick, else CIFAR-10 JPEG) and the one recipe of an experiment.
+@dataclass(frozen=True)
+class TrainSpec:
+    """What the training-based experiments share: data, budget and recipe overrides.
 
     ``test_size`` keeps a seeded random subset of the test split: on a CPU, evaluating all
     10,000 CIFAR test images costs more than a short training run.
     """
-    import dataclasses
 
+    data: str | None = None  # None: digits with --quick, else the CIFAR-10 JPEG zip
+    seed: int = 0
+    iters: int | None = None  # None: the experiment's default budget
+    train_fraction: float = 1.0
+    val_size: int | None = None
+    test_size: int | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields, or "preset"
+
+
+def setup(spec: TrainSpec, *, quick: bool, quick_iters: int, full_iters: int) -> tuple[Any, Any]:
+    """The data and the one recipe of an experiment."""
     from reslab.analysis.common import load_splits
     from reslab.data import Split
 
-    data = data or ("digits" if quick else CIFAR_ZIP)
-    splits = load_splits(data, seed=seed, train_fraction=train_fraction, val_size=val_size)
-    if test_size is not None and test_size < len(splits.test.labels):
-        g = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(len(splits.test.labels), generator=g)[:test_size]
+    data = spec.data or ("digits" if quick else CIFAR_ZIP)
+    splits = load_splits(
+        data, seed=spec.seed, train_fraction=spec.train_fraction, val_size=spec.val_size
+    )
+    if spec.test_size is not None and spec.test_size < len(splits.test.labels):
+        g = torch.Generator().manual_seed(spec.seed)
+        idx = torch.randperm(len(splits.test.labels), generator=g)[: spec.test_size]
         splits = dataclasses.replace(
             splits, test=Split(splits.test.images[idx], splits.test.labels[idx])
         )
-    n = iters or (quick_iters if quick else full_iters)
-    cfg = recipe(splits.name, n, seed=seed, **(train_overrides or {}))
-    return splits, cfg
+    n = spec.iters or (quick_iters if quick else full_iters)
+    return splits, recipe(splits.name, n, seed=spec.seed, **spec.overrides)
+
+
+def experiment_meta(
+    experiment: str, spec: TrainSpec, splits: Any, cfg: Any, *, quick: bool, **extra: Any
+) -> dict[str, Any]:
+    """``run_info`` plus the data sizes and the full training config."""
+    from reslab.analysis.common import run_info
+
+    return run_info(
+        experiment=experiment,
+        quick=quick,
+        data=splits.name,
+        seed=spec.seed,
+        train_fraction=spec.train_fraction,
+        train_images=len(splits.train),
+        val_images=len(splits.val),
+        test_images=len(splits.test),
+        train_config=cfg.to_dict(),
+        **extra,
+    )

@@ -14,6 +14,10 @@ from pathlib import Path
 import torch
 
 from reslab.analysis import EXPERIMENTS
+from reslab.analysis.training import TrainSpec
+
+#: Experiments that train networks with the library trainer (they share --recipe etc.).
+TRAINING = ("degradation", "responses", "lesion", "orderings")
 
 HELP = {
     "gradflow": "gradient norms per unit / weight layer; depth sweeps (no MODEL: the sweeps)",
@@ -52,7 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             e.add_argument("--seed", type=int, default=0)
         if name in ("degradation", "responses", "lesion", "ode", "orderings"):
             e.add_argument("--iters", type=int, default=None, help="optimiser steps per network")
-        if name in ("degradation", "responses", "lesion", "orderings"):
+        if name in TRAINING:
             e.add_argument(
                 "--recipe",
                 default=None,
@@ -66,7 +70,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             e.add_argument("--depths", type=int, nargs="+", default=None)
         if name in ("lesion", "orderings"):
             e.add_argument("--depth", type=int, default=None)
-        if name in ("degradation", "orderings"):
+        if name in TRAINING:
             e.add_argument(
                 "--train-fraction",
                 type=float,
@@ -92,24 +96,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run_analyze(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    kw = {
-        k: getattr(args, k)
-        for k in ("data", "seed", "iters", "depths", "train_fraction", "val_size", "test_size")
-        if getattr(args, k, None) is not None
-    }
-    if getattr(args, "depth", None) is not None:
-        kw["depth"] = args.depth
-    overrides = {
-        k: getattr(args, k)
-        for k in ("recipe", "batch_size", "lr", "eval_every")
-        if getattr(args, k, None) is not None and args.experiment != "gradflow"
-    }
-    if overrides:
-        if "recipe" in overrides:
-            overrides["preset"] = overrides.pop("recipe")
-        kw["train_overrides"] = overrides
-    if args.experiment == "gradflow":
-        kw.update(models=args.models, batch_size=args.batch_size)
+    kw: dict = {}
+    for k in ("depths", "depth"):
+        if getattr(args, k, None) is not None:
+            kw[k] = getattr(args, k)
+    if args.experiment in TRAINING:
+        overrides = {
+            ("preset" if k == "recipe" else k): getattr(args, k)
+            for k in ("recipe", "batch_size", "lr", "eval_every")
+            if getattr(args, k) is not None
+        }
+        kw["spec"] = TrainSpec(
+            data=args.data,
+            seed=args.seed,
+            iters=args.iters,
+            train_fraction=getattr(args, "train_fraction", 1.0),
+            val_size=getattr(args, "val_size", None),
+            test_size=getattr(args, "test_size", None),
+            overrides=overrides,
+        )
+    elif args.experiment == "gradflow":
+        kw.update(models=args.models, batch_size=args.batch_size, data=args.data, seed=args.seed)
+    elif args.experiment == "ode":
+        kw.update(data=args.data, seed=args.seed, iters=args.iters)
     module = importlib.import_module(f"reslab.analysis.{args.experiment}")
     t0 = time.perf_counter()
     result = module.run(args.out, quick=args.quick, **kw)
