@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from reslab.analysis.common import new_figure, save_figure
 from reslab.analysis.training import (
     TrainSpec,
@@ -23,12 +25,15 @@ from reslab.analysis.training import (
 __all__ = ["degradation_runs", "plot_degradation"]
 
 
-def train_error(model: Any, splits: Any, limit: int = 5000) -> float:
-    """Error on (up to ``limit``) un-augmented training images, in eval mode."""
+def train_error(model: Any, splits: Any, limit: int = 5000, seed: int = 0) -> float:
+    """Error on a seeded random subset of (up to ``limit``) un-augmented training images, in eval
+    mode. A random subset, not the first images: a split may be stored ordered by class."""
     from reslab.data import Split
     from reslab.train import evaluate
 
-    sub = Split(splits.train.images[:limit], splits.train.labels[:limit])
+    n = len(splits.train.labels)
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit]
+    sub = Split(splits.train.images[idx], splits.train.labels[idx])
     return evaluate(model, sub)["error"]
 
 
