@@ -121,10 +121,6 @@ def summarize(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def responses_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    return list(rows)
-
-
 def run(
     out_dir,
     *,
