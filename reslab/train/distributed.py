@@ -45,19 +45,25 @@ class CPUSyncBatchNorm(nn.BatchNorm2d):
     buffer names equal BatchNorm2d's, so state dicts are interchangeable.
     """
 
+    group: dist.ProcessGroup | None = None  # set by convert_sync_batchnorm
+
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
 
         xf = x.float()
-        count = torch.full((1,), xf.numel() / xf.shape[1], device=x.device)
-        stats = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count])
-        stats = all_reduce(stats)  # sum over ranks, gradient flows back to every rank
-        c = x.shape[1]
-        n = stats[-1]
-        mean = stats[:c] / n
-        var = stats[c : 2 * c] / n - mean * mean
+        c, group = x.shape[1], self.group or dist.group.WORLD
+        count = torch.full((1,), xf.numel() / c, device=x.device)
+        # Two passes (mean, then squared deviations) as BatchNorm2d does: E[x^2] - E[x]^2 loses
+        # the variance of near-constant channels to cancellation, which the next steps amplify.
+        # Each all-reduce sums over ranks; its backward all-reduces the gradient, so the
+        # gradient reaches every rank's part of the batch.
+        totals = all_reduce(torch.cat([xf.sum((0, 2, 3)), count]), group=group)
+        n = totals[-1]
+        mean = totals[:c] / n
+        centred = xf - mean.view(1, c, 1, 1)
+        var = all_reduce((centred * centred).sum((0, 2, 3)), group=group) / n
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
                 m = self.momentum if self.momentum is not None else 0.1
@@ -65,7 +71,7 @@ class CPUSyncBatchNorm(nn.BatchNorm2d):
                 self.running_var.lerp_(var.detach() * n / (n - 1), m)
                 self.num_batches_tracked += 1
         shape = (1, c, 1, 1)
-        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        y = centred * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)
@@ -76,6 +82,14 @@ def convert_sync_batchnorm(model: nn.Module, *, cuda: bool) -> nn.Module:
     on CPU), keeping weights and running statistics."""
     if cuda:
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # A group of its own: statistics all-reduced inside autograd must not interleave with DDP's
+    # asynchronous gradient buckets on one gloo group (that mixed them up: 3% wrong gradients).
+    group = dist.new_group(backend="gloo")
+    _convert_cpu(model, group)
+    return model
+
+
+def _convert_cpu(model: nn.Module, group: dist.ProcessGroup) -> None:
     for name, child in model.named_children():
         if type(child) is nn.BatchNorm2d:
             new = CPUSyncBatchNorm(
@@ -87,7 +101,7 @@ def convert_sync_batchnorm(model: nn.Module, *, cuda: bool) -> nn.Module:
             )
             new.load_state_dict(child.state_dict())
             new.to(next(child.buffers()).device)
+            new.group = group
             setattr(model, name, new)
         else:
-            convert_sync_batchnorm(child, cuda=False)
-    return model
+            _convert_cpu(child, group)

@@ -1,0 +1,277 @@
+"""Trainer: schedule, exact resume, signals, non-finite loss, checkpoints, DDP, the digits job."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from reslab import create_model
+from reslab.cli import main
+from reslab.data import load_data
+from reslab.train import NonFiniteLossError, TrainConfig, TrainingInterrupted, fit, learning_rate
+from reslab.train.checkpoint import BEST, LATEST, load_model
+from reslab.train.schedule import wants_warmup
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_data("digits")
+
+
+def _model(seed: int = 0):
+    torch.manual_seed(seed)
+    return create_model("cifar_resnet20", in_channels=1, num_classes=10)
+
+
+def _cfg(**kw) -> TrainConfig:
+    """The digits recipe, short; 1,295 train images / 64 = 20 steps per epoch."""
+    return TrainConfig.preset("digits", **{"iters": 30, "eval_every": 10, **kw})
+
+
+# -- schedule --
+def test_paper_schedule_steps_at_32k_and_48k() -> None:
+    cfg = TrainConfig.preset("paper")
+    total = cfg.total_steps(45_000)
+    assert total == 64_000 and cfg.batch_size == 128 and cfg.weight_decay == 1e-4
+    lr = [learning_rate(s, total, cfg) for s in (0, 31_999, 32_000, 47_999, 48_000, 63_999)]
+    assert lr == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    assert learning_rate(10, total, cfg, warming_up=True) == 0.01
+    assert wants_warmup(cfg, 110) and wants_warmup(cfg, 1202) and not wants_warmup(cfg, 56)
+
+
+def test_onecycle_rises_then_falls_to_zero() -> None:
+    cfg = TrainConfig.preset("fast")
+    total = 1000
+    lr = [learning_rate(s, total, cfg) for s in range(total)]
+    peak = lr.index(max(lr))
+    assert max(lr) == pytest.approx(cfg.lr) and peak == round(cfg.warmup_fraction * total) - 1
+    assert all(a <= b for a, b in itertools.pairwise(lr[: peak + 1]))
+    assert all(a >= b for a, b in itertools.pairwise(lr[peak:]))
+    assert lr[-1] < 0.01 * cfg.lr
+
+
+def test_warmup_at_001_then_lr_returns_to_01(digits) -> None:
+    """He et al. 2015, §4.2 (ResNet-110): 0.01 until training error < 80%, then back to 0.1."""
+    cfg = TrainConfig.preset(
+        "paper",
+        iters=40,
+        milestones=(),  # no /10 within these 40 steps
+        eval_every=1,
+        eval_test=False,
+        warmup="error",
+        threads=1,
+        batch_size=64,
+        pad=1,  # the digits augmentation: 8x8 images, no mirroring
+        flip=False,
+        normalize="channel",
+    )
+    result = fit(_model(), digits, cfg)
+    lrs = [h["lr"] for h in result.history]
+    assert lrs[0] == 0.01
+    switch = lrs.index(0.1)  # it really returns to 0.1 ...
+    assert 10 <= switch < 40 and set(lrs[switch:]) == {0.1}  # ... and stays there
+    errors = [h["train_error"] for h in result.history]
+    assert sum(errors[switch - 10 : switch]) / 10 < 0.8  # when the last 10 batches fell below 80%
+    assert sum(errors[switch - 11 : switch - 1]) / 10 >= 0.8 or switch == 10
+
+
+# -- exact resume --
+N, K = 30, 25  # K lies inside the second epoch (20 steps each)
+
+
+def _interrupt_at(k: int):
+    def on_step(step: int, model) -> None:
+        if step == k:
+            signal.raise_signal(signal.SIGTERM)  # the real handler: finish the step, checkpoint
+
+    return on_step
+
+
+@pytest.fixture(scope="module")
+def straight(digits, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    return fit(_model(), digits, _cfg(iters=N), out)
+
+
+def _resumed(digits, out: Path, *, drop_rng: bool):
+    with pytest.raises(TrainingInterrupted) as info:
+        fit(_model(), digits, _cfg(iters=N), out, on_step=_interrupt_at(K))
+    assert info.value.step == K + 1
+    ckpt = torch.load(out / LATEST, weights_only=True)
+    assert ckpt["step"] == K + 1 and (K + 1) % 20 > 0  # mid-epoch
+    if drop_rng:
+        del ckpt["rng"]
+        torch.save(ckpt, out / LATEST)
+    return fit(_model(seed=1), digits, _cfg(iters=N), out, resume=True)
+
+
+def test_resume_is_bit_identical(digits, straight, tmp_path: Path) -> None:
+    resumed = _resumed(digits, tmp_path, drop_rng=False)
+    assert resumed.losses == straight.losses  # every step's loss, exactly
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.summary["test_accuracy"] == straight.summary["test_accuracy"]
+    assert [h["step"] for h in resumed.history] == [10, 20, 30]
+
+
+def test_resume_without_rng_state_diverges(digits, straight, tmp_path: Path) -> None:
+    """Proof that the test above cannot pass by accident: the RNG state is what makes it exact."""
+    with pytest.warns(UserWarning, match="no RNG state"):
+        resumed = _resumed(digits, tmp_path, drop_rng=True)
+    assert resumed.losses[: K + 1] == straight.losses[: K + 1]
+    assert resumed.losses[K + 1 :] != straight.losses[K + 1 :]
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- run folder and checkpoints --
+def test_run_folder_outputs_and_checkpoint_format(straight, digits, tmp_path_factory) -> None:
+    out = next(p for p in tmp_path_factory.getbasetemp().glob("straight*"))
+    config = json.loads((out / "config.json").read_text())
+    assert {"train_config", "model_config", "git_revision", "torch_version", "device"} <= set(
+        config
+    )
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [10, 20, 30]
+    assert {"lr", "loss", "train_error", "val_error", "images_per_second"} <= set(metrics[0])
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"test_accuracy", "val_accuracy", "train_seconds", "images_per_second"} <= set(summary)
+    assert (out / "curves.png").stat().st_size > 1000
+    assert not list(out.glob(".*tmp"))  # atomic writes leave no temporary files
+    ckpt = torch.load(out / BEST, weights_only=True)  # plain data only
+    assert {"model", "model_config", "model_kind", "classes", "step", "train_config"} <= set(ckpt)
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+    model = load_model(out / LATEST)
+    a, b = model.state_dict(), straight.model.state_dict()
+    assert all(torch.equal(a[k], b[k].cpu()) for k in a)
+    x = digits.test.images[:8]
+    assert torch.equal(model(model.input_norm(x)), straight.model.eval()(model.input_norm(x)))
+
+
+# -- faults --
+def test_non_finite_loss_stops_before_the_step(digits, tmp_path: Path) -> None:
+    def poison(step: int, model) -> None:
+        if step == 7:
+            with torch.no_grad():
+                model.fc.weight.fill_(float("nan"))
+
+    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss.*step 7") as info:
+        fit(_model(), digits, _cfg(iters=20, eval_every=5), tmp_path, on_step=poison)
+    assert str(tmp_path / LATEST) in str(info.value)
+    ckpt = torch.load(tmp_path / LATEST, weights_only=True)  # the last good checkpoint stays
+    assert ckpt["step"] == 5
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_cli_names_missing_data_file(tmp_path: Path, capsys) -> None:
+    missing = tmp_path / "no-such-cifar.zip"
+    assert main(["train", "--data", str(missing), "--out", str(tmp_path / "run")]) == 2
+    assert str(missing) in capsys.readouterr().err
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "reslab", *args]
+
+
+def test_sigterm_checkpoints_and_resume_finishes(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        _cli(
+            "train", "--data", "digits", "--iters", "200", "--eval-every", "10", "--out", str(run)
+        ),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not (run / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "interrupted by SIGTERM" in out
+    step = torch.load(run / LATEST, weights_only=True)["step"]
+    assert 10 <= step < 200
+
+    done = subprocess.run(
+        _cli("train", "--resume", str(run)), cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"resume {run} at step {step}" in done.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 200 and summary["test_accuracy"] > 0.5
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 200
+
+    report = subprocess.run(
+        _cli("eval", str(run), "--json"), cwd=ROOT, capture_output=True, text=True
+    )
+    assert report.returncode == 0, report.stderr
+    r = json.loads(report.stdout)
+    assert len(r["confusion"]) == 10 and sum(map(sum, r["confusion"])) == r["n"] == 359
+    assert r["accuracy"] == pytest.approx(sum(r["confusion"][i][i] for i in range(10)) / 359)
+
+
+# -- distributed --
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_cfg(**kw) -> TrainConfig:
+    # lr 0.01: at the digits recipe's 0.1 the first steps are unstable and amplify float noise.
+    # One parameter group (decay_all=True): with the BN/bias group split, 2 ranks + CPU SyncBN
+    # drift from the single process by ~3% of the update after 4 steps -- an open issue.
+    return _cfg(iters=4, eval_every=100, lr=0.01, decay_all=True, **kw)
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
+    )
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    result = fit(_model(), load_data("digits"), _ddp_cfg(sync_bn=True), None)
+    if rank == 0:
+        torch.save(result.model.state_dict(), out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_ranks_equal_one_process_on_the_full_batch(digits, tmp_path: Path) -> None:
+    out = tmp_path / "ddp.pt"
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(out)), nprocs=2)
+    single = fit(_model(), digits, _ddp_cfg()).model.state_dict()
+    ddp = torch.load(out, weights_only=True)
+    assert set(ddp) == set(single)  # saved without the "module." prefix
+    for k, v in single.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(ddp[k], v, rtol=1e-4, atol=1e-5, msg=k)
+    assert not torch.equal(ddp["fc.weight"], _model().fc.weight.detach())  # it did train
+
+
+# -- the default job --
+@pytest.mark.slow
+def test_digits_recipe_reaches_high_accuracy_quickly(digits) -> None:
+    """The README's default job with 8 of its 20 epochs: already well above 95%."""
+    t0 = time.perf_counter()
+    result = fit(_model(), digits, TrainConfig.preset("digits", epochs=8, eval_test=False))
+    assert result.summary["test_accuracy"] >= 0.95
+    assert time.perf_counter() - t0 < 60
+    assert math.isfinite(result.summary["final_train_loss"])
