@@ -291,6 +291,9 @@ def test_finetune_and_predict_cli(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert torch.equal(saved["layer1.0.bn1.running_mean"], src.layer1[0].bn1.running_mean)
     assert not torch.equal(saved["layer2.0.conv1.weight"], src.layer2[0].conv1.weight)
 
+    assert main(["eval", str(out), "--json"]) == 0  # the run folder works with reslab eval
+    assert '"split": "test"' in capsys.readouterr().out
+
     digit = load_data("digits").test
     images = []
     for i in range(2):

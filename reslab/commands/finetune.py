@@ -162,8 +162,12 @@ def run_finetune(args: argparse.Namespace) -> int:
         pretrained_lr_scale=args.pretrained_lr_scale,
         sha256=args.sha256,
     )
+    # What `reslab eval RUN_DIR` needs to find the data again (the classes are in the checkpoint).
+    info = {"model_name": args.model, "data_spec": args.data, "val_size": args.val_size,
+            "classes": classes, "train_fraction": args.train_fraction}  # fmt: skip
     try:
-        result = finetune(source, splits, cfg, out, options=options, model=args.model)
+        result = finetune(source, splits, cfg, out, options=options, model=args.model,
+                          run_info=info)  # fmt: skip
     except TrainingInterrupted as exc:
         print(f"reslab finetune: {exc}", flush=True)
         return 128 + exc.signum

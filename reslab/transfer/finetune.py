@@ -76,11 +76,13 @@ def finetune(
     *,
     options: FinetuneOptions = FinetuneOptions(),
     model: str | None = None,
+    run_info: dict[str, Any] | None = None,
     verbose: bool | None = None,
 ) -> Any:
     """Fine-tune the weights in ``path`` on ``splits`` (a ``reslab.data.DataSplits``) with the
     trainer config ``cfg``; returns ``reslab.train.fit``'s ``FitResult``. ``out_dir`` becomes the
-    same run folder ``reslab train`` writes, with the load report in its config.json."""
+    same run folder ``reslab train`` writes, with the load report (and ``run_info``) in its
+    config.json."""
     from reslab.train import fit  # the trainer is heavy; the loaders above do not need it
 
     net, report = pretrained_model(
@@ -97,6 +99,7 @@ def finetune(
         net, pretrained_lr_scale=options.pretrained_lr_scale, decay_all=cfg.decay_all
     )
     info = {
+        **(run_info or {}),
         "finetune": {
             **options.to_dict(),
             "from": str(path),
@@ -104,7 +107,7 @@ def finetune(
             "source_classes": report.meta.get("classes"),
             "unfreeze_schedule": {str(k): v for k, v in schedule.items()},
             "load_report": str(report),
-        }
+        },
     }
     if verbose or (verbose is None and out_dir is not None):
         print(report, flush=True)
