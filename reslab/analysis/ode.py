@@ -182,7 +182,12 @@ def learnable_vs_fixed_tau(
         "activation": activation,
         "iters": iters,
     }
-    for mode in ("fixed", "learnable"):
+    # Third arm: fixed tau again, but with the total time the learnable net ended with, to tell
+    # per-layer adaptivity apart from a longer integration time T.
+    arms = [("fixed", "fixed", T / depth), ("learnable", "learnable", T / depth)]
+    for key, mode, tau in [*arms, ("fixed_matched_T", "fixed", None)]:
+        if tau is None:
+            tau = max(sum(out["learnable"]["taus"]), 1e-3) / depth
         torch.manual_seed(seed)
         cfg = DenseConfig.uniform(
             in_features,
@@ -190,16 +195,17 @@ def learnable_vs_fixed_tau(
             depth,
             num_classes=splits.num_classes,
             activation=activation,
-            tau=T / depth,
+            tau=tau,
             tau_mode=mode,
         )
         model = build_model(cfg)
         tcfg = TrainConfig.preset("digits", iters=iters, seed=seed)
         t0 = time.perf_counter()
         result = fit(model, splits, tcfg, None)
-        out[mode] = {
+        out[key] = {
             "test_accuracy": result.summary.get("test_accuracy"),
             "val_accuracy": result.summary.get("val_accuracy"),
+            "T": tau * depth if mode == "fixed" else None,
             "taus": [float(layer.tau.detach()) for layer in result.model.layers],
             "seconds": round(time.perf_counter() - t0, 1),
             "history": result.history,
@@ -250,7 +256,7 @@ def plot_tau_gradients(rows: Sequence[dict[str, Any]], out_dir, name: str = "ode
 def plot_learned_tau(result: dict[str, Any], out_dir, name: str = "ode_tau_learned.png"):
     fig, axes = new_figure(size=(5.2, 3.6))
     ax = axes[0][0]
-    for mode in ("fixed", "learnable"):
+    for mode in ("fixed", "learnable", "fixed_matched_T"):
         r = result[mode]
         ax.plot(
             range(1, len(r["taus"]) + 1),
@@ -319,7 +325,7 @@ def run(
             "value": learned[m]["test_accuracy"],
             "what": "test accuracy",
         }
-        for m in ("fixed", "learnable")
+        for m in ("fixed", "learnable", "fixed_matched_T")
     ]
     table = format_table(rows, ["part", "setting", "value", "what"])
     return {"json": path, "figures": figures, "table": table, "data": payload}
