@@ -1,9 +1,9 @@
 """Images per second of full training steps on CIFAR-10 (JPEG q75), three ways, in one run.
 
 (a) reslab's trainer (``fit`` with the ``fast`` recipe: data on the device, whole-batch crop+flip,
-    bf16 autocast, channels_last);
-(b) the bare model step (same precision, layout and batch) on batches augmented beforehand, so
-    (a)/(b) shows what the data path costs;
+    torch.compile, fp32 on this CPU: it has no native bf16);
+(b) the bare model step (same compile, precision, layout and batch) on batches augmented
+    beforehand, so (a)/(b) shows what the data path costs;
 (c) the conventional pipeline most CIFAR repositories use: torchvision ``ImageFolder`` +
     ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip`` + ``DataLoader(num_workers=2)``,
     fp32, batch 128.
@@ -66,12 +66,13 @@ def bare_rate(model_name: str, splits, cfg: TrainConfig, warmup: int, steps: int
     opt = torch.optim.SGD(
         model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4
     )
+    step_model = torch.compile(model) if cfg.compile else model
     dtype = torch.bfloat16 if cfg.precision == "bf16" else None
     for i, (x, y) in enumerate(batches):
         if i == warmup:
             t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-            logits = model(x)
+            logits = step_model(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -161,7 +162,7 @@ def main() -> None:
         "unit": "training images per second (forward + backward + SGD step)",
         "settings": {
             "trainer_and_bare": {k: getattr(cfg, k) for k in
-                                 ("batch_size", "precision", "channels_last", "pad", "flip")},
+                                 ("batch_size", "precision", "channels_last", "compile")},
             "conventional": {"batch_size": 128, "precision": "fp32", "num_workers": 2},
             "warmup_steps": args.warmup,
             "timed_steps": args.steps,

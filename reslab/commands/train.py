@@ -60,11 +60,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     length.add_argument("--epochs", type=float, default=None, help="passes over the train split")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the model (the fast recipe does)",
+    )
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None)
     p.add_argument("--batch-size", type=int, default=None, help="global batch over all ranks")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate")
-    p.add_argument("--sync-bn", action="store_true", default=None, help="DDP: SyncBatchNorm")
+    p.add_argument(
+        "--sync-bn", action=argparse.BooleanOptionalAction, default=None, help="DDP: SyncBatchNorm"
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads per process")
     p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
     p.add_argument("--val-size", type=int, default=None, help="held-out images (default 1/10)")
