@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from reslab.analysis.common import sample_batch
 from reslab.analysis.gradflow_figures import plot_conv_sweep, plot_dense_sweep, plot_profiles
 from reslab.analysis.hooks import GradientRecorder, find_blocks, find_weight_layers
-from reslab.models import DenseConfig, build_model, get_config
+from reslab.models import DenseConfig, ResNetConfig, build_model, get_config
 
 __all__ = [
     "GradientProfile",
@@ -373,6 +373,12 @@ def run(
     figures = []
     if models:
         built = {}
+        fit_to_data: dict[str, Any] = {}
+        if data is not None:  # registered conv nets get the data's channels and classes
+            from reslab.analysis.common import load_splits
+
+            splits = load_splits(data, seed=seed)
+            fit_to_data = {"in_channels": splits.in_channels, "num_classes": splits.num_classes}
         for name in models:
             if Path(name).exists():  # a checkpoint file or a run folder
                 from reslab.train.checkpoint import load_model
@@ -380,7 +386,8 @@ def run(
                 built[name] = load_model(name)
             else:
                 torch.manual_seed(seed)
-                built[name] = create_model(name)
+                conv = isinstance(get_config(name), ResNetConfig)
+                built[name] = create_model(name, **(fit_to_data if conv else {}))
         payload.update(profile_named_models(built, data=data, batch_size=batch_size, seed=seed))
         figures.append(
             plot_profiles(
