@@ -394,7 +394,7 @@ def run(
                 {k: payload[k] for k in built},
                 out_dir,
                 "gradflow_models.png",
-                "per weight layer, at init",
+                "per weight layer (model names: at init; paths: checkpoints)",
             )
         )
         rows = [
