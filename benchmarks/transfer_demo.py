@@ -54,15 +54,25 @@ def first_reaching(points: list[dict[str, float]], accuracy: float) -> dict[str,
     return next((p for p in points if p["test_accuracy"] >= accuracy), None)
 
 
-def compare(name: str, splits: Any, cfg: TrainConfig, source: Path, out: Path, opts: Any) -> dict:
+def compare(
+    name: str,
+    splits: Any,
+    cfg: TrainConfig,
+    source: Path,
+    out: Path,
+    opts: Any,
+    *,
+    tag: str = "",
+    scratch_curve: list[dict[str, float]] | None = None,
+) -> dict:
     print(f"== {name}: fine-tune vs scratch, {len(splits.train)} training images", flush=True)
-    tuned = finetune(source, splits, cfg, out / f"{name}-finetune", options=opts)
-    torch.manual_seed(cfg.seed)
-    scratch_model = create_model(
-        MODEL, num_classes=splits.num_classes, in_channels=splits.in_channels
-    )
-    scratch = fit(scratch_model, splits, cfg, out / f"{name}-scratch")
-    ft, sc = curve(tuned), curve(scratch)
+    tuned = finetune(source, splits, cfg, out / f"{name}-finetune{tag}", options=opts)
+    sc = scratch_curve
+    if sc is None:
+        torch.manual_seed(cfg.seed)
+        net = create_model(MODEL, num_classes=splits.num_classes, in_channels=splits.in_channels)
+        sc = curve(fit(net, splits, cfg, out / f"{name}-scratch"))
+    ft = curve(tuned)
     reach = first_reaching(ft, sc[-1]["test_accuracy"])
     return {
         "train_images": len(splits.train),
@@ -82,30 +92,35 @@ def compare(name: str, splits: Any, cfg: TrainConfig, source: Path, out: Path, o
 
 
 def plot(results: dict, path: Path) -> None:
+    """Test accuracy against training time (top) and against optimiser steps (bottom): the
+    runs share the CPU with other jobs, so seconds per step vary between runs; steps do not."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = ["cifar5", "digits"]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, task in zip(axes, tasks, strict=True):
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6.4))
+    for col, task in enumerate(("cifar5", "digits")):
         r = results[task]
-        for key, style in (("finetune", "o-"), ("scratch", "s--")):
-            pts = r[key]
-            ax.plot([p["seconds"] for p in pts], [100 * p["test_accuracy"] for p in pts], style,
-                    ms=3, label=key)  # fmt: skip
-        ax.axhline(100 * r["scratch_final_accuracy"], color="grey", lw=0.8, ls=":")
-        ax.set_xlabel("training time (s, 2-core CPU)")
-        ax.set_ylabel("test accuracy (%)")
-        title = {
+        for row, (x, label) in enumerate((("seconds", "training time (s, 2-core CPU)"),
+                                          ("step", "optimiser steps"))):  # fmt: skip
+            ax = axes[row, col]
+            for key, style in (("finetune", "o-"), ("scratch", "s--")):
+                pts = r[key]
+                ax.plot([p[x] for p in pts], [100 * p["test_accuracy"] for p in pts], style,
+                        ms=3, label=key)  # fmt: skip
+            ax.axhline(100 * r["scratch_final_accuracy"], color="grey", lw=0.8, ls=":")
+            ax.set_xlabel(label)
+            ax.set_ylabel("test accuracy (%)")
+            ax.grid(alpha=0.3)
+            ax.legend(loc="lower right")
+        axes[0, col].set_title({
             "cifar5": f"CIFAR-10 {'/'.join(TARGET)}\n10% of train ({r['train_images']} images)",
             "digits": f"digits 8x8 grey, 1-channel first layer\n({r['train_images']} images)",
-        }[task]
-        ax.set_title(title, fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"{MODEL} pretrained on CIFAR-10 {'/'.join(SOURCE)}", fontsize=9)
+        }[task], fontsize=9)  # fmt: skip
+    scale = results.get("options", {}).get("pretrained_lr_scale")
+    fig.suptitle(f"{MODEL} pretrained on CIFAR-10 {'/'.join(SOURCE)}; "
+                 f"pretrained layers at {scale}x the learning rate", fontsize=9)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -123,6 +138,8 @@ def main() -> None:
     p.add_argument("--pretrained-lr-scale", type=float, default=0.1)
     p.add_argument("--freeze-until", default="none")
     p.add_argument("--skip-pretrain", action="store_true", help="reuse OUT/pretrain")
+    p.add_argument("--reuse-scratch", type=Path, help="results.json whose scratch runs to reuse")
+    p.add_argument("--tag", default="", help="suffix of fine-tune run folders and results file")
     args = p.parse_args()
     torch.set_num_threads(2)
     t0 = time.perf_counter()
@@ -135,6 +152,8 @@ def main() -> None:
         print(f"== pretrain {MODEL} on {SOURCE}: {len(splits.train)} images", flush=True)
         pre = fit(create_model(MODEL, num_classes=5), splits, pre_cfg, pre_dir)
         results["pretrain"] = pre.summary
+    else:
+        results["pretrain"] = json.loads((pre_dir / "summary.json").read_text())
     opts = FinetuneOptions(
         freeze_until=args.freeze_until, pretrained_lr_scale=args.pretrained_lr_scale
     )
@@ -144,15 +163,35 @@ def main() -> None:
     cfg = TrainConfig.preset("fast", epochs=args.finetune_epochs, eval_every=2 * steps, **CPU)
     splits = load_data(args.data, classes=TARGET, train_fraction=0.1, val_size=200)
     splits = fewer_test_images(splits, args.test_images)
-    results["cifar5"] = compare("cifar5", splits, cfg, source, args.out, opts)
+    old = json.loads(args.reuse_scratch.read_text()) if args.reuse_scratch else None
+    kw = dict(tag=args.tag)
+    results["cifar5"] = compare(
+        "cifar5",
+        splits,
+        cfg,
+        source,
+        args.out,
+        opts,
+        **kw,
+        scratch_curve=old["cifar5"]["scratch"] if old else None,
+    )
 
     dcfg = TrainConfig.preset("digits", epochs=args.digits_epochs, eval_every=40)
-    results["digits"] = compare("digits", load_data("digits"), dcfg, source, args.out, opts)
+    results["digits"] = compare(
+        "digits",
+        load_data("digits"),
+        dcfg,
+        source,
+        args.out,
+        opts,
+        **kw,
+        scratch_curve=old["digits"]["scratch"] if old else None,
+    )
 
     results["options"] = opts.to_dict()
     results["wall_seconds"] = time.perf_counter() - t0
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / f"results{args.tag}.json").write_text(json.dumps(results, indent=2) + "\n")
     args.figure.parent.mkdir(parents=True, exist_ok=True)
     plot(results, args.figure)
     for task in ("cifar5", "digits"):
@@ -166,7 +205,7 @@ def main() -> None:
                f"({100 * frac:.0f}% of scratch time, "
                f"{100 * r['fraction_of_scratch_steps']:.0f}% of its steps)")
         )  # fmt: skip
-    print(f"total wall time {results['wall_seconds'] / 60:.1f} min; {args.out / 'results.json'}")
+    print(f"total wall time {results['wall_seconds'] / 60:.1f} min; results{args.tag}.json")
 
 
 if __name__ == "__main__":
