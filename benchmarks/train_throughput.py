@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import time
 import zipfile
@@ -144,11 +145,13 @@ def main() -> None:
     folder = extracted_train_folder(args.extract_to)
     rows = []
     for name in args.models:
+        load_before = os.getloadavg()[0]  # other processes on the machine distort every number
         a = trainer_rate(name, splits, cfg, args.warmup, args.steps)
         b = bare_rate(name, splits, cfg, args.warmup, args.steps)
         c = conventional_rate(name, folder, args.warmup, args.steps)
         rows.append({"model": name, "trainer": a, "bare_step": b, "conventional": c,
-                     "trainer_vs_conventional": a / c, "trainer_vs_bare": a / b})  # fmt: skip
+                     "trainer_vs_conventional": a / c, "trainer_vs_bare": a / b,
+                     "load_average_before_after": [load_before, os.getloadavg()[0]]})  # fmt: skip
         print(f"{name}: (a) {a:.0f}  (b) {b:.0f}  (c) {c:.0f} img/s", flush=True)
     print()
     print("| model | (a) reslab trainer | (b) bare step | (c) ImageFolder+DataLoader fp32 "
