@@ -18,11 +18,10 @@ from reslab.analysis.common import new_figure, save_figure
 from reslab.analysis.hooks import find_blocks
 from reslab.analysis.training import (
     TrainSpec,
-    cifar_net,
     experiment_meta,
     light_summary,
     setup,
-    train_net,
+    train_twin,
 )
 
 __all__ = ["DeletedUnit", "deleted", "lesion_study"]
@@ -136,7 +135,6 @@ def run(
     depth: int = 20,
 ) -> dict[str, Any]:
     """``reslab analyze lesion``: train a ResNet and its plain twin, delete each unit in turn."""
-    import torch
 
     from reslab.analysis.common import format_table, write_json
 
@@ -145,14 +143,7 @@ def run(
     results, summaries = {}, {}
     for family in ("resnet", "plain"):
         label = f"{family}-{depth}"
-        torch.manual_seed(spec.seed)
-        model = cifar_net(
-            depth,
-            residual=family == "resnet",
-            in_channels=splits.in_channels,
-            num_classes=splits.num_classes,
-        )
-        trained = train_net(label, model, splits, cfg, seed=spec.seed)
+        trained = train_twin(family, depth, splits, cfg, seed=spec.seed)
         summaries[label] = light_summary(trained.summary)
         results[label] = lesion_study(trained.model, splits.test)
     figures = [plot_lesion(results, out_dir)]

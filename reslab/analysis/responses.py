@@ -22,7 +22,7 @@ from reslab.analysis.training import (
     experiment_meta,
     light_summary,
     setup,
-    train_net,
+    train_twin,
 )
 
 __all__ = ["branch_responses", "plot_responses"]
@@ -138,14 +138,7 @@ def run(
     for depth in depths:
         for family in ("plain", "resnet"):
             label = f"{family}-{depth}"
-            torch.manual_seed(spec.seed)
-            model = cifar_net(
-                depth,
-                residual=family == "resnet",
-                in_channels=splits.in_channels,
-                num_classes=splits.num_classes,
-            )
-            run_ = train_net(label, model, splits, cfg, seed=spec.seed)
+            run_ = train_twin(family, depth, splits, cfg, seed=spec.seed)
             x = run_.model.input_norm(splits.test.images)
             results[label] = branch_responses(run_.model, x)
             summaries[label] = light_summary(run_.summary)

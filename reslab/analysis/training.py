@@ -93,6 +93,21 @@ def train_net(name: str, model: nn.Module, splits: Any, cfg: Any, *, seed: int =
     return TrainedNet(name, result.model, result.history, result.summary, seconds)
 
 
+def train_twin(family: str, depth: int, splits: Any, cfg: Any, *, seed: int = 0) -> TrainedNet:
+    """Train the ``family`` ("plain" or "resnet") CIFAR-style net of ``depth`` on ``splits``.
+
+    The twins share the seed, so both start from the same draw of the random number generator.
+    """
+    torch.manual_seed(seed)
+    model = cifar_net(
+        depth,
+        residual=family == "resnet",
+        in_channels=splits.in_channels,
+        num_classes=splits.num_classes,
+    )
+    return train_net(f"{family}-{depth}", model, splits, cfg, seed=seed)
+
+
 def light_summary(summary: dict[str, Any]) -> dict[str, Any]:
     keep = (
         "test_accuracy",
