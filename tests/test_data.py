@@ -152,11 +152,16 @@ def test_cache_hit_and_invalidation(folder_zip, tmp_path: Path, monkeypatch) -> 
 @pytest.mark.skipif(
     not CIFAR_ZIP.exists(), reason=f"real CIFAR-10 JPEG archive absent: {CIFAR_ZIP}"
 )
-def test_real_cifar10_reloads_from_cache_within_1s() -> None:
+def test_real_cifar10_reloads_from_the_cache(monkeypatch) -> None:
+    """The second load is a cache hit (the decoder is never called). How long the reload takes is
+    measured by benchmarks/data_cache.py, not asserted here: tests carry no timings."""
     load_data(str(CIFAR_ZIP))  # decodes once (~15 s) if the cache is cold
-    t0 = time.perf_counter()
+
+    def fail(p: Path) -> None:
+        raise AssertionError("decoded again despite a valid cache")
+
+    monkeypatch.setattr(data_mod, "read_image_folder", fail)
     s = load_data(str(CIFAR_ZIP))
-    assert time.perf_counter() - t0 <= 1.0
     assert (len(s.train), len(s.val), len(s.test)) == (45_000, 5_000, 10_000)  # He et al. §4.2
     assert s.classes == CLASSES10 and s.train.images.shape[1:] == (3, 32, 32)
 

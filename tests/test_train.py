@@ -18,8 +18,16 @@ import torch
 
 from reslab import create_model
 from reslab.cli import main
-from reslab.data import load_data
-from reslab.train import NonFiniteLossError, TrainConfig, TrainingInterrupted, fit, learning_rate
+from reslab.data import Normalize, load_data
+from reslab.train import (
+    NonFiniteLossError,
+    TrainConfig,
+    TrainingInterrupted,
+    evaluate,
+    fit,
+    learning_rate,
+    train_resolution,
+)
 from reslab.train.checkpoint import BEST, LATEST, load_model
 from reslab.train.schedule import wants_warmup
 
@@ -61,6 +69,42 @@ def test_onecycle_rises_then_falls_to_zero() -> None:
     assert all(a <= b for a, b in itertools.pairwise(lr[: peak + 1]))
     assert all(a >= b for a, b in itertools.pairwise(lr[peak:]))
     assert lr[-1] < 0.01 * cfg.lr
+
+
+def test_train_resolution_follows_the_schedule_and_round_trips() -> None:
+    cfg = TrainConfig.preset("paper", resolutions=((0.0, 16), (0.5, 24), (0.75, 32)))
+    sides = [train_resolution(s, 100, cfg) for s in (0, 49, 50, 74, 75, 99)]
+    assert sides == [16, 16, 24, 24, 32, 32]
+    assert train_resolution(0, 100, TrainConfig.preset("paper")) is None  # () = never resized
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="increasing fractions"):
+        TrainConfig.preset("paper", resolutions=((0.5, 16), (0.2, 32)))
+
+
+def test_fit_trains_on_resized_batches_then_full_size(digits) -> None:
+    """Progressive resizing: the network sees 4x4 digits for the first half, 8x8 after."""
+    model = _model()
+    seen: list[tuple[int, int]] = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape[-2:])))
+    cfg = _cfg(iters=10, eval_every=0, eval_test=False, resolutions=((0.0, 4), (0.5, 8)))
+    fit(model, digits, cfg)
+    train_shapes = seen[:10]  # the evaluations that follow run at the data's own 8x8
+    assert train_shapes == [(4, 4)] * 5 + [(8, 8)] * 5
+
+
+def test_flip_evaluation_averages_image_and_mirror(digits) -> None:
+    model = _model().eval()
+    split = digits.test
+    norm = model.input_norm = Normalize.fit(digits.train.images, "channel")
+    report = evaluate(model, split, flip=True, batch_size=100)
+    with torch.no_grad():
+        x = norm(split.images)
+        logits, mirrored = model(x), model(x.flip(3))
+    both = logits.softmax(1) + mirrored.softmax(1)
+    assert report["accuracy"] == pytest.approx((both.argmax(1) == split.labels).double().mean())
+    plain = evaluate(model, split)["accuracy"]
+    assert plain == pytest.approx((logits.argmax(1) == split.labels).double().mean())
+    assert not torch.allclose(logits, mirrored)  # so the two checks above are not the same one
 
 
 def test_warmup_at_001_then_lr_returns_to_01(digits) -> None:
@@ -269,9 +313,8 @@ def test_ddp_two_gloo_ranks_equal_one_process_on_the_full_batch(digits, tmp_path
 # -- the default job --
 @pytest.mark.slow
 def test_digits_recipe_reaches_high_accuracy_quickly(digits) -> None:
-    """The README's default job with 8 of its 20 epochs: already well above 95%."""
-    t0 = time.perf_counter()
+    """The README's default job with 8 of its 20 epochs: already well above 95%. (Its wall time
+    is measured by `make demo`, not asserted: tests carry no timings.)"""
     result = fit(_model(), digits, TrainConfig.preset("digits", epochs=8, eval_test=False))
     assert result.summary["test_accuracy"] >= 0.95
-    assert time.perf_counter() - t0 < 60
     assert math.isfinite(result.summary["final_train_loss"])

@@ -84,6 +84,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None, help="default: the data the run was trained on")
     p.add_argument("--split", choices=("test", "val"), default="test")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="average over each image and its mirror (default: as the run evaluated, eval_flip)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_eval)
 
@@ -170,8 +176,13 @@ def _fit(
         return 128 + exc.signum
     s = result.summary
     if s:
+        views = (
+            f" (image + mirror; single view {100 * s['test_accuracy_single_view']:.2f}%)"
+            if s.get("eval_flip")
+            else ""
+        )
         print(
-            f"test accuracy {100 * s['test_accuracy']:.2f}%  "
+            f"test accuracy {100 * s['test_accuracy']:.2f}%{views}  "
             f"({s['train_seconds']:.0f} s of training, {s['images_per_second']:.0f} img/s)  "
             f"-> {out}"
         )
@@ -179,7 +190,11 @@ def _fit(
 
 
 def format_report(report: dict[str, Any], classes: list[str]) -> str:
-    lines = [f"{report['split']} accuracy: {100 * report['accuracy']:.2f}% (n={report['n']})", ""]
+    tta = " with flip test-time augmentation" if report.get("flip") else ""
+    lines = [
+        f"{report['split']} accuracy{tta}: {100 * report['accuracy']:.2f}% (n={report['n']})",
+        "",
+    ]
     width = max(len(c) for c in classes)
     lines.append(f"{'class':<{width}}  accuracy")
     for c, a in zip(classes, report["per_class_accuracy"], strict=True):
@@ -207,8 +222,11 @@ def run_eval(args: argparse.Namespace) -> int:
         args.device == "auto" and torch.cuda.is_available()
     ) else "cpu"  # fmt: skip
     model.to(device)
-    report = evaluate(model, getattr(splits, args.split), device=device)
+    flip = args.flip
+    if flip is None:
+        flip = bool(ckpt.get("train_config", {}).get("eval_flip", False))
+    report = evaluate(model, getattr(splits, args.split), device=device, flip=flip)
     report = {"checkpoint": str(path), "data": spec, "split": args.split, "step": ckpt["step"],
-              "classes": splits.classes, **report}  # fmt: skip
+              "flip": flip, "classes": splits.classes, **report}  # fmt: skip
     print(json.dumps(report) if args.json else format_report(report, splits.classes))
     return 0

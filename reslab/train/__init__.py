@@ -9,7 +9,7 @@ from reslab.train.loop import (
     fit,
     resolve_device,
 )
-from reslab.train.schedule import learning_rate
+from reslab.train.schedule import learning_rate, train_resolution
 
 __all__ = [
     "PRESETS",
@@ -21,4 +21,5 @@ __all__ = [
     "fit",
     "learning_rate",
     "resolve_device",
+    "train_resolution",
 ]

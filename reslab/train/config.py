@@ -49,6 +49,11 @@ class TrainConfig:
     pad: int = 4  # pixels of zero padding on each side before the crop
     flip: bool = True  # horizontal mirror with probability 1/2
     normalize: str = "pixel"  # "pixel": subtract the per-pixel mean (paper); "channel": mean/std
+    # progressive resizing (fast.ai DAWNBench 2018; Touvron et al. 2019 "FixRes"): (fraction of
+    # the run, side in pixels) pairs; from each fraction on, training batches are resized to that
+    # side. () = always the data's own size. Convolution cost falls with the pixel count.
+    resolutions: tuple[tuple[float, int], ...] = ()
+    eval_flip: bool = False  # evaluate on the image and its mirror, averaging the two softmaxes
     # -- numerics and speed
     precision: str = "fp32"  # "bf16"/"fp16": autocast of forward and loss; weights stay fp32
     channels_last: bool = False  # NHWC memory layout (faster convolutions on CPU and tensor cores)
@@ -71,6 +76,13 @@ class TrainConfig:
             raise ValueError("set iters or epochs")
         if self.batch_size < 1 or (self.iters is not None and self.iters < 1):
             raise ValueError("batch_size and iters must be >= 1")
+        fractions = [f for f, _ in self.resolutions]
+        if fractions != sorted(fractions) or any(not 0 <= f < 1 for f in fractions):
+            raise ValueError(
+                f"resolutions must be increasing fractions in [0, 1): {self.resolutions}"
+            )
+        if any(side < 1 for _, side in self.resolutions):
+            raise ValueError(f"resolutions need sides >= 1 pixel: {self.resolutions}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"unknown device {self.device!r}; valid choices: auto, cpu, cuda")
 
@@ -93,6 +105,8 @@ class TrainConfig:
         d = dict(d)
         if "milestones" in d:
             d["milestones"] = tuple(d["milestones"])
+        if "resolutions" in d:  # JSON turns tuples into lists
+            d["resolutions"] = tuple((float(f), int(s)) for f, s in d["resolutions"])
         return cls(**d)
 
     @classmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from reslab.train.config import TrainConfig
 
-__all__ = ["learning_rate", "wants_warmup"]
+__all__ = ["learning_rate", "train_resolution", "wants_warmup"]
 
 
 def wants_warmup(cfg: TrainConfig, depth: int | None) -> bool:
@@ -35,3 +35,17 @@ def learning_rate(
     if step < rise:
         return cfg.lr * (step + 1) / rise
     return cfg.lr * max(0.0, (total_steps - step) / max(1, total_steps - rise))
+
+
+def train_resolution(step: int, total_steps: int, cfg: TrainConfig) -> int | None:
+    """Side in pixels that training batches of step ``step`` are resized to (``None``: unchanged).
+
+    ``cfg.resolutions`` lists (fraction of the run, side); the last pair whose fraction has been
+    reached applies. Like the learning rate it depends on the step alone, so resume and DDP ranks
+    agree without extra state.
+    """
+    side = None
+    for fraction, s in cfg.resolutions:
+        if step >= round(fraction * total_steps):
+            side = s
+    return side
