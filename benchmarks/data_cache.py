@@ -12,17 +12,14 @@ Prints the times and writes benchmarks/results/data_cache.json.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+from _common import write_result
 
 from reslab.data import load_data
-from reslab.train.outputs import git_revision
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_ZIP = ROOT / ".." / "shared" / "data" / "cifar10-jpeg.zip"
@@ -60,14 +57,8 @@ def main() -> None:
         "decode_over_reload": decode / reload,
         "cache_bytes": cache_bytes,
         "target_reload_seconds": 1.0,
-        "git_revision": git_revision(),
-        "torch_version": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":
