@@ -279,29 +279,43 @@ def _free_port() -> int:
 
 def _ddp_cfg(**kw) -> TrainConfig:
     # lr 0.01: at the digits recipe's 0.1 the first steps are unstable and amplify float noise.
-    # One parameter group (decay_all=True): with the BN/bias group split, 2 ranks + CPU SyncBN
-    # drift from the single process by ~3% of the update after 4 steps -- an open issue.
-    return _cfg(iters=4, eval_every=100, lr=0.01, decay_all=True, **kw)
+    return _cfg(iters=4, eval_every=100, lr=0.01, **kw)
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+# Open issue (docs/training.md): Nesterov momentum together with the weight-decay split into two
+# optimiser groups makes 2 ranks + CPU SyncBN drift from one process from the second step on
+# (~9% of the update after 4 steps); either alone, or no weight decay, matches.
+DDP_CASES = {
+    "one-group-nesterov": {"decay_all": True},
+    "split-decay-momentum": {"decay_all": False, "nesterov": False},
+    "split-decay-nesterov": pytest.param(
+        {"decay_all": False},
+        marks=pytest.mark.xfail(strict=True, reason="open issue: drifts ~9% of the update"),
+    ),
+}
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str, kw: dict) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
     )
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    result = fit(_model(), load_data("digits"), _ddp_cfg(sync_bn=True), None)
+    result = fit(_model(), load_data("digits"), _ddp_cfg(sync_bn=True, **kw), None)
     if rank == 0:
         torch.save(result.model.state_dict(), out)
     dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_ddp_two_gloo_ranks_equal_one_process_on_the_full_batch(digits, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kw", list(DDP_CASES.values()), ids=list(DDP_CASES))
+def test_ddp_two_gloo_ranks_equal_one_process_on_the_full_batch(
+    kw: dict, digits, tmp_path: Path
+) -> None:
     out = tmp_path / "ddp.pt"
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(out)), nprocs=2)
-    single = fit(_model(), digits, _ddp_cfg()).model.state_dict()
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(out), kw), nprocs=2)
+    single = fit(_model(), digits, _ddp_cfg(**kw)).model.state_dict()
     ddp = torch.load(out, weights_only=True)
     assert set(ddp) == set(single)  # saved without the "module." prefix
     for k, v in single.items():
