@@ -104,6 +104,7 @@ def test_flip_evaluation_averages_image_and_mirror(digits) -> None:
     assert report["accuracy"] == pytest.approx((both.argmax(1) == split.labels).double().mean())
     plain = evaluate(model, split)["accuracy"]
     assert plain == pytest.approx((logits.argmax(1) == split.labels).double().mean())
+    assert report["single_view_accuracy"] == plain  # from the same pass, not a second one
     assert not torch.allclose(logits, mirrored)  # so the two checks above are not the same one
 
 
