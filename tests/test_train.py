@@ -81,6 +81,20 @@ def test_train_resolution_follows_the_schedule_and_round_trips() -> None:
         TrainConfig.preset("paper", resolutions=((0.5, 16), (0.2, 32)))
 
 
+def test_compile_mode_is_checked_and_reaches_the_config_from_the_cli() -> None:
+    from reslab.cli import build_parser
+    from reslab.commands.train import _overrides
+
+    with pytest.raises(ValueError, match="unknown compile_mode 'fast'"):
+        TrainConfig.preset("paper", compile_mode="fast")
+    args = build_parser().parse_args(
+        ["train", "--compile", "--compile-mode", "reduce-overhead", "--iters", "5"]
+    )
+    cfg = TrainConfig.preset("paper", **_overrides(args))
+    assert (cfg.compile, cfg.compile_mode, cfg.iters) == (True, "reduce-overhead", 5)
+    assert TrainConfig.preset("paper").compile_mode == "default"
+
+
 def test_fit_trains_on_resized_batches_then_full_size(digits) -> None:
     """Progressive resizing: the network sees 4x4 digits for the first half, 8x8 after."""
     model = _model()

@@ -90,6 +90,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def _add_trainer_options(p: argparse.ArgumentParser) -> None:
     """The trainer flags of ``reslab train`` (same names, same TrainConfig fields)."""
     from reslab.train import PRESETS
+    from reslab.train.config import COMPILE_MODES
 
     g = p.add_argument_group("trainer options (as reslab train)")
     g.add_argument(
@@ -104,6 +105,12 @@ def _add_trainer_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument(
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        default=None,
+        help="torch.compile mode with --compile; reduce-overhead: CUDA graphs (small nets on GPU)",
+    )
     g.add_argument(
         "--precision",
         choices=("fp32", "bf16", "fp16"),

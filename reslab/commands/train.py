@@ -17,6 +17,7 @@ from reslab.data import DataSplits, load_data
 from reslab.models import DenseConfig, build_model, get_config
 from reslab.train import PRESETS, TrainConfig, TrainingInterrupted, evaluate, fit
 from reslab.train.checkpoint import find_checkpoint, load_checkpoint, load_model
+from reslab.train.config import COMPILE_MODES
 
 DEFAULT_MODEL = "cifar_resnet20"
 
@@ -27,6 +28,7 @@ _OVERRIDES = {
     "seed": "seed",
     "device": "device",
     "compile": "compile",
+    "compile_mode": "compile_mode",
     "precision": "precision",
     "batch_size": "batch_size",
     "lr": "lr",
@@ -65,6 +67,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="torch.compile the model (the fast recipe does)",
+    )
+    p.add_argument(
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        default=None,
+        help="torch.compile mode with --compile; reduce-overhead: CUDA graphs (small nets on GPU)",
     )
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None)
     p.add_argument("--batch-size", type=int, default=None, help="global batch over all ranks")

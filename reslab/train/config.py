@@ -12,6 +12,7 @@ SCHEDULES = ("step", "onecycle")
 WARMUPS = ("none", "error", "auto")
 PRECISIONS = ("fp32", "bf16", "fp16")
 NORMALIZE = ("pixel", "channel")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _check(name: str, value: str, valid: tuple[str, ...]) -> None:
@@ -58,6 +59,10 @@ class TrainConfig:
     precision: str = "fp32"  # "bf16"/"fp16": autocast of forward and loss; weights stay fp32
     channels_last: bool = False  # NHWC memory layout (faster convolutions on CPU and tensor cores)
     compile: bool = False  # torch.compile the model
+    # torch.compile's mode: "reduce-overhead" replays the compiled forward and backward as CUDA
+    # graphs, which is what a small CIFAR network needs on a GPU, where eager steps are bound by
+    # the CPU launching hundreds of tiny kernels (docs/results.md)
+    compile_mode: str = "default"
     device: str = "auto"  # "auto" (cuda when present), "cpu", "cuda"
     sync_bn: bool = False  # DDP: BatchNorm statistics over the global batch
     threads: int | None = None  # CPU threads per process (torch.set_num_threads); None: torch's
@@ -72,6 +77,7 @@ class TrainConfig:
         _check("warmup", self.warmup, WARMUPS)
         _check("precision", self.precision, PRECISIONS)
         _check("normalize", self.normalize, NORMALIZE)
+        _check("compile_mode", self.compile_mode, COMPILE_MODES)
         if self.iters is None and self.epochs is None:
             raise ValueError("set iters or epochs")
         if self.batch_size < 1 or (self.iters is not None and self.iters < 1):

@@ -270,7 +270,8 @@ def fit(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     if cfg.compile:
-        train_model = torch.compile(train_model)
+        train_model = torch.compile(train_model, mode=cfg.compile_mode)
+    graphs = cfg.compile and cfg.compile_mode in ("reduce-overhead", "max-autotune")
 
     images = splits.train.images.to(device)
     labels = splits.train.labels.to(device)
@@ -305,6 +306,8 @@ def fit(
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
 
+            if graphs:  # one training step per replay of the CUDA graphs (forward + backward)
+                torch.compiler.cudagraph_mark_step_begin()
             with _autocast(device, cfg.precision):
                 logits = train_model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
