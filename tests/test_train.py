@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from reslab import create_model
 from reslab.cli import main
@@ -293,20 +294,32 @@ def _free_port() -> int:
 
 
 def _ddp_cfg(**kw) -> TrainConfig:
-    # lr 0.01: at the digits recipe's 0.1 the first steps are unstable and amplify float noise.
-    return _cfg(iters=4, eval_every=100, lr=0.01, **kw)
+    return _cfg(iters=4, eval_every=100, **kw)  # the digits recipe's lr 0.1
 
 
-# Open issue (docs/training.md): Nesterov momentum together with the weight-decay split into two
-# optimiser groups makes 2 ranks + CPU SyncBN drift from one process from the second step on
-# (~9% of the update after 4 steps); either alone, or no weight decay, matches.
+def _smooth_model() -> nn.Module:
+    """cifar_resnet20 with every ReLU swapped for SiLU, for comparisons at float tolerance.
+
+    ReLU's kink turns rounding into jumps: two ranks sum in another order than one process, so a
+    pre-activation within ~1e-6 of zero can land on the other side and gate one gradient element
+    differently. With ~10^6 ReLU inputs a step that happens now and then; measured here (ReLU,
+    Nesterov, split weight decay) a value of 6.4e-7 in channel 13 of layer2.1.bn1 at step 2 moved
+    that channel's conv weights by 1% of their update, 9% after 4 steps, while every other channel
+    agreed to 1e-5. A smooth activation keeps the comparison well-conditioned and still runs
+    DDP, SyncBatchNorm and both optimiser groups.
+    """
+    model = _model()
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.ReLU):
+                setattr(module, child_name, nn.SiLU())
+    return model
+
+
 DDP_CASES = {
     "one-group-nesterov": {"decay_all": True},
     "split-decay-momentum": {"decay_all": False, "nesterov": False},
-    "split-decay-nesterov": pytest.param(
-        {"decay_all": False},
-        marks=pytest.mark.xfail(strict=True, reason="open issue: drifts ~9% of the update"),
-    ),
+    "split-decay-nesterov": {"decay_all": False},
 }
 
 
@@ -317,7 +330,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, kw: dict) -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    result = fit(_model(), load_data("digits"), _ddp_cfg(sync_bn=True, **kw), None)
+    result = fit(_smooth_model(), load_data("digits"), _ddp_cfg(sync_bn=True, **kw), None)
     if rank == 0:
         torch.save(result.model.state_dict(), out)
     dist.destroy_process_group()
@@ -330,7 +343,7 @@ def test_ddp_two_gloo_ranks_equal_one_process_on_the_full_batch(
 ) -> None:
     out = tmp_path / "ddp.pt"
     torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(out), kw), nprocs=2)
-    single = fit(_model(), digits, _ddp_cfg(**kw)).model.state_dict()
+    single = fit(_smooth_model(), digits, _ddp_cfg(**kw)).model.state_dict()
     ddp = torch.load(out, weights_only=True)
     assert set(ddp) == set(single)  # saved without the "module." prefix
     for k, v in single.items():
