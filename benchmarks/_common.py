@@ -20,6 +20,7 @@ def write_result(path: Path, result: dict[str, Any]) -> None:
         "git_revision": git_revision(),
         "torch_version": torch.__version__,
         "machine": platform.processor() or platform.machine(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
     path.parent.mkdir(parents=True, exist_ok=True)

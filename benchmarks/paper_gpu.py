@@ -128,18 +128,8 @@ def main() -> None:
               f"{statistics.mean(row['images_per_second']):>7.0f}")  # fmt: skip
     write_result(
         args.json,
-        {"argv": sys.argv[1:], "concurrent_runs": len(jobs), "models": table, "runs": runs,
-         "gpu": _gpu_name()},
+        {"argv": sys.argv[1:], "parallel": args.parallel, "models": table, "runs": runs},
     )  # fmt: skip
-
-
-def _gpu_name() -> str | None:
-    try:
-        import torch
-
-        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except Exception:
-        return None
 
 
 if __name__ == "__main__":
