@@ -185,6 +185,12 @@ def test_resume_is_bit_identical(digits, straight, tmp_path: Path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.summary["test_accuracy"] == straight.summary["test_accuracy"]
     assert [h["step"] for h in resumed.history] == [10, 20, 30]
+    # the logged curves too: step 30's training loss/error average the window 21-30, which the
+    # interruption at 26 split between the two processes
+    keys = ("step", "lr", "loss", "train_error", "val_error", "test_error")
+    assert [{k: h[k] for k in keys} for h in resumed.history] == [
+        {k: h[k] for k in keys} for h in straight.history
+    ]
 
 
 def test_resume_without_rng_state_diverges(digits, straight, tmp_path: Path) -> None:

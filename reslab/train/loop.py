@@ -187,6 +187,9 @@ class _Run:
         self.recent_errors: list[float] = []
         self.history: list[dict[str, Any]] = []
         self.losses: list[float] = []
+        # training loss and error summed since the last evaluation, and over how many steps: a
+        # resume inside such a window must log the same window mean as a straight run
+        self.window = [0.0, 0.0, 0]
         self.best_val = math.inf
         self.train_seconds = 0.0  # time in training steps (evaluation excluded)
         self.images = 0  # training images processed, all ranks
@@ -278,7 +281,6 @@ def fit(
     local = cfg.batch_size // dinfo.world_size
     shard = slice(dinfo.rank * local, (dinfo.rank + 1) * local)
     progress = Progress(total, run.step, enabled=None if verbose and dinfo.is_main else False)
-    win_loss, win_err, win_n = 0.0, 0.0, 0
     model.train()
 
     def checkpoint(path: Path) -> None:
@@ -341,7 +343,8 @@ def fit(
             run.losses.append(loss_value)
             run.images += cfg.batch_size
             run.train_seconds += time.perf_counter() - t0
-            win_loss, win_err, win_n = win_loss + loss_value, win_err + err, win_n + 1
+            win_loss, win_err, win_n = run.window
+            run.window = [win_loss + loss_value, win_err + err, win_n + 1]
             if run.warming:
                 run.recent_errors = [*run.recent_errors[-WARMUP_WINDOW + 1 :], err]
                 if len(run.recent_errors) == WARMUP_WINDOW and (
@@ -355,12 +358,12 @@ def fit(
                     "step": run.step,
                     "epoch": run.step / spe,
                     "lr": lr,
-                    "loss": win_loss / win_n,
-                    "train_error": win_err / win_n,
+                    "loss": run.window[0] / run.window[2],
+                    "train_error": run.window[1] / run.window[2],
                     "seconds": run.train_seconds,
                     "images_per_second": run.images / max(run.train_seconds, 1e-9),
                 }
-                win_loss, win_err, win_n = 0.0, 0.0, 0
+                run.window = [0.0, 0.0, 0]
                 if dinfo.is_main:
                     _evaluate_point(model, splits, cfg, device, record)
                     run.history.append(record)
@@ -464,6 +467,7 @@ def _state(
         "recent_errors": list(run.recent_errors),
         "history": run.history,
         "losses": torch.tensor(run.losses, dtype=torch.float64),
+        "window": list(run.window),
         "best_val": run.best_val,
         "train_seconds": run.train_seconds,
         "images": run.images,
@@ -492,6 +496,8 @@ def _restore(
     run.recent_errors = list(ckpt["recent_errors"])
     run.history = list(ckpt["history"])
     run.losses = ckpt["losses"].tolist()
+    # checkpoints from before the window was saved: its mean then covers the resumed steps only
+    run.window = list(ckpt.get("window", [0.0, 0.0, 0]))
     run.best_val = float(ckpt["best_val"])
     run.train_seconds = float(ckpt["train_seconds"])
     run.images = int(ckpt["images"])
