@@ -9,8 +9,11 @@ Every (model, seed) is its own ``python -m reslab train`` process, run one after
 at once with ``--parallel``, which measured no faster on an H100). Arguments after ``--`` go to
 every ``reslab train``. ``--deadline S`` sends SIGTERM after S seconds (the
 trainer checkpoints and stops), so a run that would outlast a machine's lease still reports how
-far it got. Prints a table and writes JSON (default benchmarks/results/paper_gpu.json) with each
-run's summary and error curve.
+far it got; ``--resume`` then continues every unfinished run under ``--runs`` from its last
+checkpoint (``reslab train --resume``, exact) and skips finished ones, so one 64k-iteration run can
+be spread over several commands, or machines when the run folder travels with the next command.
+Prints a table and writes JSON (default benchmarks/results/paper_gpu.json) with each run's
+summary and error curve; wall time is summed over a run's segments.
 """
 
 from __future__ import annotations
@@ -36,6 +39,16 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _alive(job: dict) -> bool:
+    return job["proc"] is not None and job["proc"].poll() is None
+
+
+def _segments(out: Path) -> list[float]:
+    """Wall seconds of each earlier command that worked on this run folder."""
+    f = out / "paper_gpu_wall.json"
+    return json.loads(f.read_text()) if f.exists() else []
+
+
 def main() -> None:
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
@@ -49,6 +62,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="CPU threads per run")
     p.add_argument("--parallel", action="store_true", help="start every run at once")
     p.add_argument("--deadline", type=float, default=None, help="SIGTERM every run after S s")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue unfinished runs in --runs from their checkpoints; skip finished ones",
+    )
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "paper_gpu")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "paper_gpu.json")
     args = p.parse_args(argv)
@@ -60,44 +78,64 @@ def main() -> None:
     termed = False
     # --parallel: all at once; else one after another (on the H100 six runs side by side did no
     # better together than one alone: the GPU time-slices between processes, docs/results.md)
-    while specs or any(j["proc"].poll() is None for j in jobs):
-        running = [j for j in jobs if j["proc"].poll() is None]
+    while specs or any(_alive(j) for j in jobs):
+        running = [j for j in jobs if _alive(j)]
         while specs and not termed and (args.parallel or not running):
             model, seed = specs.pop(0)
             out = args.runs / f"{model}-seed{seed}"
-            cmd = [sys.executable, "-m", "reslab", "train", model, "--data", args.data,
-                   "--recipe", "paper", "--seed", str(seed), "--device", args.device,
-                   "--threads", str(args.threads), "--out", str(out)]  # fmt: skip
-            if args.iters is not None:
-                cmd += ["--iters", str(args.iters)]
+            resuming = args.resume and (out / "checkpoint_latest.pt").exists()
+            if resuming and (out / "summary.json").exists():
+                print(f"{model} seed {seed}: finished earlier, not run again", flush=True)
+                jobs.append({"model": model, "seed": seed, "out": out, "cmd": [], "proc": None,
+                             "wall": 0.0, "log": None})  # fmt: skip
+                continue
+            if resuming:  # the recipe, seed and iteration count come from the run's config.json
+                cmd = [sys.executable, "-m", "reslab", "train", "--resume", str(out),
+                       "--data", args.data, "--device", args.device,
+                       "--threads", str(args.threads)]  # fmt: skip
+            else:
+                cmd = [sys.executable, "-m", "reslab", "train", model, "--data", args.data,
+                       "--recipe", "paper", "--seed", str(seed), "--device", args.device,
+                       "--threads", str(args.threads), "--out", str(out)]  # fmt: skip
+                if args.iters is not None:
+                    cmd += ["--iters", str(args.iters)]
             cmd += extra
             out.mkdir(parents=True, exist_ok=True)
-            log = (out / "train.log").open("w")
+            log = (out / "train.log").open("a" if resuming else "w")
+            if not resuming:
+                (out / "paper_gpu_wall.json").unlink(missing_ok=True)
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-            print(f"started {model} seed {seed}", flush=True)
+            print(f"{'resumed' if resuming else 'started'} {model} seed {seed}", flush=True)
             job = {"model": model, "seed": seed, "out": out, "cmd": cmd, "proc": proc,
                    "t0": time.perf_counter(), "log": log}  # fmt: skip
             jobs.append(job)
             running.append(job)
         for j in jobs:
-            if j["proc"].poll() is not None and "wall" not in j:
+            if not _alive(j) and "wall" not in j:
                 j["wall"] = time.perf_counter() - j["t0"]
         if args.deadline and not termed and time.perf_counter() - start > args.deadline:
             for j in jobs:
-                if j["proc"].poll() is None:
+                if _alive(j):
                     j["proc"].send_signal(signal.SIGTERM)
             termed, specs = True, []
         time.sleep(0.5)
     runs = []
     for j in jobs:
-        j.setdefault("wall", time.perf_counter() - j["t0"])
-        j["log"].close()
+        if "wall" not in j:
+            j["wall"] = time.perf_counter() - j["t0"]
+        segments = _segments(j["out"])
+        if j["proc"] is not None:
+            j["log"].close()
+            segments.append(j["wall"])
+            (j["out"] / "paper_gpu_wall.json").write_text(json.dumps(segments))
         summary_file = j["out"] / "summary.json"
         summary = json.loads(summary_file.read_text()) if summary_file.exists() else None
         history = _read_jsonl(j["out"] / "metrics.jsonl")
         runs.append({
-            "model": j["model"], "seed": j["seed"], "returncode": j["proc"].returncode,
-            "finished": summary is not None, "wall_seconds": j["wall"],
+            "model": j["model"], "seed": j["seed"],
+            "returncode": j["proc"].returncode if j["proc"] is not None else 0,
+            "finished": summary is not None, "wall_seconds": sum(segments),
+            "wall_segments": segments,
             "command": " ".join(j["cmd"][1:]), "summary": summary, "history": history,
             "log_tail": (j["out"] / "train.log").read_text()[-1500:],
         })  # fmt: skip
