@@ -227,6 +227,28 @@ def test_run_folder_outputs_and_checkpoint_format(straight, digits, tmp_path_fac
     assert torch.equal(model(model.input_norm(x)), straight.model.eval()(model.input_norm(x)))
 
 
+def test_latest_checkpoint_carries_the_best_validation_error(straight, tmp_path_factory) -> None:
+    """A resume from the checkpoint of an evaluation that set a new best must know that best,
+    or a worse later model would overwrite checkpoint_best.pt."""
+    out = next(p for p in tmp_path_factory.getbasetemp().glob("straight*"))
+    latest = torch.load(out / LATEST, weights_only=True)
+    best = torch.load(out / BEST, weights_only=True)
+    assert latest["best_val"] == min(h["val_error"] for h in latest["history"])
+    assert best["best_val"] == latest["best_val"]
+
+
+def test_resume_rewrites_metrics_from_the_checkpoint(digits, tmp_path: Path) -> None:
+    """A process killed between logging an evaluation and checkpointing it leaves a metrics
+    line the checkpoint does not know; the resumed run must not log that evaluation twice."""
+    fit(_model(), digits, _cfg(iters=20), tmp_path)  # evaluations at 10 and 20
+    stale = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    with (tmp_path / "metrics.jsonl").open("a") as f:  # the killed process's extra line
+        f.write(stale[-1] + "\n")
+    fit(_model(), digits, _cfg(iters=30), tmp_path, resume=True)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").open()]
+    assert steps == [10, 20, 30]
+
+
 # -- faults --
 def test_non_finite_loss_stops_before_the_step(digits, tmp_path: Path) -> None:
     def poison(step: int, model) -> None:

@@ -264,8 +264,11 @@ def fit(
                 **(run_info or {}),
             },
         )  # fmt: skip
-        if not resume:
-            (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        # the checkpoint's history is the record: a process that died after logging an
+        # evaluation but before checkpointing it must not leave that line twice
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        for record in run.history:
+            append_metrics(out_dir / "metrics.jsonl", record)
 
     train_model: nn.Module = model
     if dinfo.world_size > 1:
@@ -370,13 +373,15 @@ def fit(
                     progress.newline()
                     if verbose:
                         print(_format_record(record, total), flush=True)
+                val = record.get("val_error")
+                improved = val is not None and val < run.best_val
+                if improved:  # before LATEST is written: a resume from it must know this best
+                    run.best_val = val
                 if writes:
                     append_metrics(out_dir / "metrics.jsonl", record)
-                    checkpoint(out_dir / LATEST)
-                    val = record.get("val_error")
-                    if val is not None and val < run.best_val:
-                        run.best_val = val
+                    if improved:  # BEST first: a crash between the two then only repeats work
                         checkpoint(out_dir / BEST)
+                    checkpoint(out_dir / LATEST)
             if stop:
                 progress.newline()
                 if writes:
