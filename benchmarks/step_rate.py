@@ -4,7 +4,10 @@ that the ``fast`` recipe chose between, in one run (synthetic inputs: only speed
     .venv/bin/python benchmarks/step_rate.py [--model cifar_resnet20] [--steps 10] [--threads 2]
 
 Each variant runs in its own subprocess (so compilation caches and allocator state do not carry
-over) one after another. Prints a table and writes benchmarks/results/step_rate.json.
+over) one after another. Two variants put the bare step beside the recipe's: bf16 autocast (fast
+only where the CPU has native bf16), and two single-threaded processes side by side, each on
+half the batch (what 2-rank DDP on this CPU would compute; their rates are summed, the
+all-reduce is not included). Prints a table and writes benchmarks/results/step_rate.json.
 
 ``--profile`` instead profiles the eager channels_last step (torch.profiler) and reports how many
 GFLOP/s the convolutions reach forward and backward, to set against the CPU's peak; it writes
@@ -25,19 +28,22 @@ from _common import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# (label, channels_last, compile, side): the recipe's candidates
+# (label, channels_last, compile, side, precision, processes): the recipe's candidates
 VARIANTS = (
-    ("eager NCHW, 32 px", False, False, 32),
-    ("eager channels_last, 32 px", True, False, 32),
-    ("compiled NCHW, 32 px", False, True, 32),
-    ("compiled channels_last, 32 px", True, True, 32),
-    ("eager channels_last, 24 px", True, False, 24),
-    ("eager channels_last, 16 px", True, False, 16),
+    ("eager NCHW, 32 px", False, False, 32, "fp32", 1),
+    ("eager channels_last, 32 px", True, False, 32, "fp32", 1),
+    ("compiled NCHW, 32 px", False, True, 32, "fp32", 1),
+    ("compiled channels_last, 32 px", True, True, 32, "fp32", 1),
+    ("eager channels_last, 24 px", True, False, 24, "fp32", 1),
+    ("eager channels_last, 16 px", True, False, 16, "fp32", 1),
+    ("eager channels_last, 32 px, bf16", True, False, 32, "bf16", 1),
+    ("2 procs x 1 thread, cl, 32 px", True, False, 32, "fp32", 2),
+    ("2 procs x 1 thread, cl, 16 px", True, False, 16, "fp32", 2),
 )
 
 
 def one(model_name: str, batch: int, channels_last: bool, compiled: bool, side: int,
-        steps: int, warmup: int, threads: int) -> float:  # fmt: skip
+        steps: int, warmup: int, threads: int, precision: str = "fp32") -> float:  # fmt: skip
     import torch
     import torch.nn.functional as F
 
@@ -51,10 +57,13 @@ def one(model_name: str, batch: int, channels_last: bool, compiled: bool, side: 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, side, side, generator=g).contiguous(memory_format=fmt)
     y = torch.randint(0, model.config.num_classes, (batch,), generator=g)
+    bf16 = precision == "bf16"
     for i in range(warmup + steps):
         if i == warmup:
             t0 = time.perf_counter()
-        loss = F.cross_entropy(step_model(x), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = step_model(x)
+        loss = F.cross_entropy(logits.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -114,7 +123,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/step_rate.json")
     ap.add_argument("--profile", action="store_true", help="convolution GFLOP/s instead")
-    ap.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # a subprocess's own variant
+    ap.add_argument("--one", nargs=4, help=argparse.SUPPRESS)  # a subprocess's own variant
     args = ap.parse_args()
     if args.profile:
         result = profile(args.model, args.batch_size, args.steps, args.threads)
@@ -126,19 +135,27 @@ def main() -> None:
     if args.one:
         cl, comp, side = args.one[0] == "1", args.one[1] == "1", int(args.one[2])
         rate = one(args.model, args.batch_size, cl, comp, side, args.steps, args.warmup,
-                   args.threads)  # fmt: skip
+                   args.threads, args.one[3])  # fmt: skip
         print(json.dumps({"rate": rate}))
         return
     rows = []
-    for label, cl, comp, side in VARIANTS:
+    for label, cl, comp, side, precision, procs in VARIANTS:
+        # side by side, every process takes its share of the threads and of the batch
         cmd = [sys.executable, __file__, "--model", args.model, "--batch-size",
-               str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--threads", str(args.threads),
-               "--one", str(int(cl)), str(int(comp)), str(side)]  # fmt: skip
+               str(args.batch_size // procs), "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--threads", str(max(1, args.threads // procs)),
+               "--one", str(int(cl)), str(int(comp)), str(side), precision]  # fmt: skip
         load = os.getloadavg()[0]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
-        rate = json.loads(out.stdout.strip().splitlines()[-1])["rate"]
+        running = [
+            subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT) for _ in range(procs)
+        ]
+        outs = [proc.communicate()[0] for proc in running]
+        if any(proc.returncode for proc in running):
+            raise RuntimeError(f"{label}: a benchmark subprocess failed: {' '.join(cmd)}")
+        rates = [json.loads(o.strip().splitlines()[-1])["rate"] for o in outs]
+        rate = sum(rates)
         rows.append({"variant": label, "channels_last": cl, "compile": comp, "side": side,
+                     "precision": precision, "processes": procs, "process_rates": rates,
                      "images_per_second": rate, "load_average_before": load})  # fmt: skip
         print(f"{label:<32} {rate:7.0f} img/s", flush=True)
     result = {

@@ -136,7 +136,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fast": {
         "iters": None,
         # Budget (measured, docs/training.md): one epoch of 45k images at 32 px costs ~120-130 s
-        # on the 2-core CPU (fp32: no native bf16 here); at 24 px ~1.9x and at 16 px ~3.9x less.
+        # on the 2-core CPU (fp32: no native bf16 here); 24 px 1.7-1.9x and 16 px 3.7-3.9x less.
         # 19 epochs with the resolution schedule below: 1,438 s of steps, 25.7 min wall in all
         # (docs/results.md); 17 epochs gave 86.2%, 19 gave 86.7% (image + mirror).
         "epochs": 19,
