@@ -73,6 +73,11 @@ def main() -> None:
 
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     specs = [(model, seed) for model in args.models for seed in args.seeds]
+    taken = [args.runs / f"{m}-seed{s}" for m, s in specs]
+    taken = [d for d in taken if (d / "checkpoint_latest.pt").exists()]
+    if taken and not args.resume:  # the trainer would refuse each of them; say so once, here
+        sys.exit(f"paper_gpu: {', '.join(map(str, taken))} already hold runs: pass --resume to "
+                 f"continue (or skip) them, or --runs to start elsewhere")  # fmt: skip
     jobs: list[dict] = []
     start = time.perf_counter()
     termed = False
@@ -102,7 +107,7 @@ def main() -> None:
             cmd += extra
             out.mkdir(parents=True, exist_ok=True)
             log = (out / "train.log").open("a" if resuming else "w")
-            if not resuming:
+            if not resuming:  # a folder left without a checkpoint starts its wall time afresh
                 (out / "paper_gpu_wall.json").unlink(missing_ok=True)
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
             print(f"{'resumed' if resuming else 'started'} {model} seed {seed}", flush=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,13 @@ def first_reaching(points: list[dict[str, float]], accuracy: float) -> dict[str,
     return next((p for p in points if p["test_accuracy"] >= accuracy), None)
 
 
+def _fresh(run_dir: Path) -> Path:
+    """This demonstration regenerates its own run folders (the trainer refuses to start a new
+    run in a folder that holds one)."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return run_dir
+
+
 def compare(
     name: str,
     splits: Any,
@@ -66,12 +74,12 @@ def compare(
     scratch_curve: list[dict[str, float]] | None = None,
 ) -> dict:
     print(f"== {name}: fine-tune vs scratch, {len(splits.train)} training images", flush=True)
-    tuned = finetune(source, splits, cfg, out / f"{name}-finetune{tag}", options=opts)
+    tuned = finetune(source, splits, cfg, _fresh(out / f"{name}-finetune{tag}"), options=opts)
     sc = scratch_curve
     if sc is None:
         torch.manual_seed(cfg.seed)
         net = create_model(MODEL, num_classes=splits.num_classes, in_channels=splits.in_channels)
-        sc = curve(fit(net, splits, cfg, out / f"{name}-scratch"))
+        sc = curve(fit(net, splits, cfg, _fresh(out / f"{name}-scratch")))
     ft = curve(tuned)
     reach = first_reaching(ft, sc[-1]["test_accuracy"])
     return {
@@ -150,7 +158,7 @@ def main() -> None:
     if not args.skip_pretrain:
         splits = fewer_test_images(load_data(args.data, classes=SOURCE), args.test_images)
         print(f"== pretrain {MODEL} on {SOURCE}: {len(splits.train)} images", flush=True)
-        pre = fit(create_model(MODEL, num_classes=5), splits, pre_cfg, pre_dir)
+        pre = fit(create_model(MODEL, num_classes=5), splits, pre_cfg, _fresh(pre_dir))
         results["pretrain"] = pre.summary
     else:
         results["pretrain"] = json.loads((pre_dir / "summary.json").read_text())

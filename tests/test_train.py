@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from reslab import create_model
 from reslab.cli import main
@@ -107,14 +107,20 @@ def test_fit_trains_on_resized_batches_then_full_size(digits) -> None:
     assert train_shapes == [(4, 4)] * 5 + [(8, 8)] * 5
 
 
-def test_flip_evaluation_averages_image_and_mirror(digits) -> None:
+@pytest.mark.parametrize("normalize", ["channel", "pixel"])
+def test_flip_evaluation_averages_image_and_mirror(digits, normalize: str) -> None:
+    """The mirror view is the mirrored image, normalised, as training's flip makes it; the
+    paper's per-pixel mean is not mirror-symmetric, so mirroring the normalised batch differs."""
     model = _model().eval()
     split = digits.test
-    norm = model.input_norm = Normalize.fit(digits.train.images, "channel")
-    report = evaluate(model, split, flip=True, batch_size=100)
+    norm = model.input_norm = Normalize.fit(digits.train.images, normalize)
+    seen: list[Tensor] = []
+    hook = model.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    report = evaluate(model, split, flip=True, batch_size=len(split))
+    hook.remove()
+    assert torch.equal(seen[1], norm(split.images.flip(3)))
     with torch.no_grad():
-        x = norm(split.images)
-        logits, mirrored = model(x), model(x.flip(3))
+        logits, mirrored = model(norm(split.images)), model(norm(split.images.flip(3)))
     both = logits.softmax(1) + mirrored.softmax(1)
     assert report["accuracy"] == pytest.approx((both.argmax(1) == split.labels).double().mean())
     plain = evaluate(model, split)["accuracy"]
@@ -262,6 +268,57 @@ def test_non_finite_loss_stops_before_the_step(digits, tmp_path: Path) -> None:
     ckpt = torch.load(tmp_path / LATEST, weights_only=True)  # the last good checkpoint stays
     assert ckpt["step"] == 5
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_non_finite_gradients_are_not_checkpointed(digits, tmp_path: Path) -> None:
+    """A finite loss with non-finite gradients breaks the weights in the optimiser step; the
+    evaluation right after must stop instead of checkpointing them as the latest good state."""
+
+    def poison_gradient(step: int, model) -> None:
+        if step == 9:  # the step that ends at the evaluation of step 10
+            model.fc.weight.register_hook(lambda g: torch.full_like(g, float("nan")))
+
+    with pytest.raises(NonFiniteLossError, match=r"non-finite weights after step 10.*fc\.weight"):
+        fit(_model(), digits, _cfg(iters=20, eval_every=5), tmp_path, on_step=poison_gradient)
+    ckpt = torch.load(tmp_path / LATEST, weights_only=True)
+    assert ckpt["step"] == 5
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_non_finite_loss_before_any_checkpoint_says_so(digits, tmp_path: Path) -> None:
+    def poison(step: int, model) -> None:
+        if step == 2:
+            with torch.no_grad():
+                model.fc.weight.fill_(float("nan"))
+
+    with pytest.raises(NonFiniteLossError, match="no checkpoint yet"):
+        fit(_model(), digits, _cfg(iters=20, eval_every=5), tmp_path, on_step=poison)
+    assert not (tmp_path / LATEST).exists()
+
+
+def test_fresh_run_refuses_a_folder_that_holds_a_run(digits, tmp_path: Path, capsys) -> None:
+    fit(_model(), digits, _cfg(iters=10), tmp_path)
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+    with pytest.raises(FileExistsError, match="--resume"):
+        fit(_model(), digits, _cfg(iters=10), tmp_path)
+    assert main(["train", "--iters", "2", "--out", str(tmp_path)]) == 2  # a clear CLI error
+    assert "already holds a run" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before  # nothing lost
+
+
+def test_signal_during_the_last_step_still_finishes_the_run(digits, tmp_path: Path) -> None:
+    result = fit(_model(), digits, _cfg(iters=N), tmp_path, on_step=_interrupt_at(N - 1))
+    assert result.summary["steps"] == N
+    assert (tmp_path / "summary.json").exists() and (tmp_path / "curves.png").exists()
+
+
+def test_eval_of_the_val_split_uses_the_runs_own_split(tmp_path: Path, capsys) -> None:
+    """With another val_size the 'val' split would contain images the model trained on."""
+    run = tmp_path / "run"
+    assert main(["train", "--iters", "2", "--val-size", "300", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--split", "val", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 300
 
 
 def test_cli_names_missing_data_file(tmp_path: Path, capsys) -> None:

@@ -218,13 +218,13 @@ def format_report(report: dict[str, Any], classes: list[str]) -> str:
 def run_eval(args: argparse.Namespace) -> int:
     path = find_checkpoint(args.checkpoint)
     ckpt = load_checkpoint(path)
-    spec = args.data
+    config_file = path.parent / "config.json"
+    saved = json.loads(config_file.read_text()) if config_file.exists() else {}
+    spec = args.data or saved.get("data_spec")
     if spec is None:
-        config_file = path.parent / "config.json"
-        if not config_file.exists():
-            raise ValueError("--data is needed (no config.json next to the checkpoint)")
-        spec = json.loads(config_file.read_text())["data_spec"]
-    splits = load_data(spec, classes=ckpt["classes"])
+        raise ValueError("--data is needed (no config.json next to the checkpoint)")
+    # the run's own train/val split: with another val_size, "val" would hold training images
+    splits = load_data(spec, classes=ckpt["classes"], val_size=saved.get("val_size"))
     model = load_model(path)
     device = "cuda" if args.device == "cuda" or (
         args.device == "auto" and torch.cuda.is_available()

@@ -100,15 +100,17 @@ def evaluate(
     was_training = model.training
     model.eval()
     preds, singles = [], []
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     for i in range(0, len(split), batch_size):
-        x = norm(split.images[i : i + batch_size].to(device, non_blocking=True))
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        raw = split.images[i : i + batch_size].to(device, non_blocking=True)
         with _autocast(device, precision):
-            probs = model(x).float().softmax(1)
+            probs = model(norm(raw).contiguous(memory_format=fmt)).float().softmax(1)
             if flip:
                 singles.append(probs.argmax(1).cpu())
-                probs = probs + model(x.flip(3)).float().softmax(1)
+                # mirror the image, then normalise, as training's flip does: a per-pixel mean
+                # is not mirror-symmetric, so mirroring the normalised batch would not match
+                mirror = norm(raw.flip(3)).contiguous(memory_format=fmt)
+                probs = probs + model(mirror).float().softmax(1)
         preds.append(probs.argmax(1).cpu())
     model.train(was_training)
     y = split.labels
@@ -249,6 +251,13 @@ def fit(
         if out_dir is None:
             raise ValueError("resume=True needs out_dir")
         _restore(load_checkpoint(out_dir / LATEST), model, optimizer, scaler, run)
+    elif out_dir is not None and any((out_dir / name).exists() for name in (LATEST, BEST)):
+        # a fresh run would mix its checkpoints with the old run's (eval would pick the old
+        # best) and a later --resume could continue the wrong weights: refuse, lose nothing
+        raise FileExistsError(
+            f"run folder {out_dir} already holds a run ({LATEST} or {BEST}); continue it with "
+            f"`reslab train --resume {out_dir}`, or train into another --out folder"
+        )
     if writes:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(
@@ -330,7 +339,7 @@ def fit(
                 stats[0] /= dinfo.world_size
             loss_value, n_wrong, stop = stats.tolist()
             if not math.isfinite(loss_value):
-                where = f"; last good checkpoint: {out_dir / LATEST}" if writes else ""
+                where = _last_good(out_dir) if writes else ""
                 progress.newline()
                 raise NonFiniteLossError(
                     f"non-finite training loss ({loss_value}) at step {run.step} (lr {lr:g}); "
@@ -357,6 +366,18 @@ def fit(
             progress.update(run.step, loss_value, err, lr)
 
             if run.step % eval_every == 0 or run.step == total:
+                # a finite loss can still have non-finite gradients; the next loss would catch
+                # the broken weights, but this step's checkpoint must not keep them as "good"
+                bad = [k for k, t in model.state_dict().items()
+                       if t.is_floating_point() and not bool(torch.isfinite(t).all())]  # fmt: skip
+                if bad:
+                    progress.newline()
+                    raise NonFiniteLossError(
+                        f"non-finite weights after step {run.step} ({', '.join(bad[:3])}"
+                        f"{', ...' if len(bad) > 3 else ''}): the loss was finite but not its "
+                        f"gradients; stopped before checkpointing them"
+                        f"{_last_good(out_dir) if writes else ''}"
+                    )
                 record = {
                     "step": run.step,
                     "epoch": run.step / spe,
@@ -382,7 +403,7 @@ def fit(
                     if improved:  # BEST first: a crash between the two then only repeats work
                         checkpoint(out_dir / BEST)
                     checkpoint(out_dir / LATEST)
-            if stop:
+            if stop and run.step < total:  # a signal during the last step: just finish
                 progress.newline()
                 if writes:
                     checkpoint(out_dir / LATEST)
@@ -396,6 +417,11 @@ def fit(
         if run.history:
             plot_curves(run.history, out_dir / "curves.png", title=f"{splits.name}, {cfg.recipe}")
     return FitResult(model, run.history, summary, run.losses)
+
+
+def _last_good(out_dir: Path) -> str:
+    latest = out_dir / LATEST
+    return f"; last good checkpoint: {latest}" if latest.exists() else "; no checkpoint yet"
 
 
 def _evaluate_point(
