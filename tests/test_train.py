@@ -312,6 +312,21 @@ def test_signal_during_the_last_step_still_finishes_the_run(digits, tmp_path: Pa
     assert (tmp_path / "summary.json").exists() and (tmp_path / "curves.png").exists()
 
 
+def test_resume_refuses_another_batch_size(digits, tmp_path: Path) -> None:
+    fit(_model(), digits, _cfg(iters=10), tmp_path)
+    with pytest.raises(ValueError, match=r"batch size 32.*trained with 64"):
+        fit(_model(), digits, _cfg(iters=20, batch_size=32), tmp_path, resume=True)
+
+
+def test_resume_records_the_data_it_reads(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "--iters", "2", "--out", str(run)]) == 0
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "data_spec": "moved-away"}))
+    assert main(["train", "--resume", str(run), "--data", "digits", "--iters", "4"]) == 0
+    assert json.loads((run / "config.json").read_text())["data_spec"] == "digits"
+
+
 def test_eval_of_the_val_split_uses_the_runs_own_split(tmp_path: Path, capsys) -> None:
     """With another val_size the 'val' split would contain images the model trained on."""
     run = tmp_path / "run"

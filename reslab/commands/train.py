@@ -163,7 +163,8 @@ def _resume(args: argparse.Namespace) -> int:
     splits = load_data(spec, val_size=saved.get("val_size"), verbose=True)
     ckpt = load_checkpoint(find_checkpoint(run_dir, prefer="checkpoint_latest.pt"))
     model = load_model(find_checkpoint(run_dir, prefer="checkpoint_latest.pt")).train()
-    info = {k: saved.get(k) for k in ("model_name", "data_spec", "val_size")}
+    # config.json is rewritten: it must name the data this process reads (a moved file)
+    info = {**{k: saved.get(k) for k in ("model_name", "val_size")}, "data_spec": spec}
     print(f"resume {run_dir} at step {ckpt['step']}")
     return _fit(model, splits, cfg, run_dir, info, resume=True)
 

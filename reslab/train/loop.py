@@ -250,7 +250,14 @@ def fit(
     if resume:
         if out_dir is None:
             raise ValueError("resume=True needs out_dir")
-        _restore(load_checkpoint(out_dir / LATEST), model, optimizer, scaler, run)
+        ckpt = load_checkpoint(out_dir / LATEST)
+        was = ckpt.get("train_config", {}).get("batch_size", cfg.batch_size)
+        if was != cfg.batch_size:  # the saved permutation and position count in its batches
+            raise ValueError(
+                f"cannot resume {out_dir} with batch size {cfg.batch_size}: it was trained with "
+                f"{was}, and its position in the epoch is counted in those batches"
+            )
+        _restore(ckpt, model, optimizer, scaler, run)
     elif out_dir is not None and any((out_dir / name).exists() for name in (LATEST, BEST)):
         # a fresh run would mix its checkpoints with the old run's (eval would pick the old
         # best) and a later --resume could continue the wrong weights: refuse, lose nothing
