@@ -193,6 +193,124 @@ def test_cifar_batch_that_runs_code_is_refused(cifar_dir: Path, tmp_path: Path) 
         load_data(str(cifar_dir), cache_dir=tmp_path)
 
 
+def test_cifar_missing_batch_is_named(cifar_dir: Path, tmp_path: Path) -> None:
+    (cifar_dir / "data_batch_3").unlink()  # was skipped: 32 train images loaded, no error
+    with pytest.raises(FileNotFoundError, match="data_batch_3"):
+        load_data(str(cifar_dir), cache_dir=tmp_path)
+    for i in (1, 2, 4, 5):  # none at all: was torch.cat's error, naming no file
+        (cifar_dir / f"data_batch_{i}").unlink()
+    with pytest.raises(FileNotFoundError, match="data_batch_1"):
+        load_data(str(cifar_dir), cache_dir=tmp_path)
+    c100 = tmp_path / "cifar-100-python"  # CIFAR-100 needs train, test and meta
+    c100.mkdir()
+    (c100 / "meta").write_bytes(pickle.dumps({b"fine_label_names": [b"apple"]}))
+    (c100 / "test").write_bytes(pickle.dumps({b"data": np.zeros((1, 3072), np.uint8)}))
+    with pytest.raises(FileNotFoundError, match="'train'"):
+        load_data(str(c100), cache_dir=tmp_path)
+
+
+def test_corrupt_tar_gz_is_refused_and_named(cifar_dir: Path, tmp_path: Path) -> None:
+    """tarfile never reads a .tar.gz to its end, so the gzip CRC went unchecked: most damaged
+    bytes loaded silently as wrong pixels (and were cached)."""
+    good = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(good, "w:gz") as tf:
+        tf.add(cifar_dir, arcname="cifar-10-batches-py")
+    blob = good.read_bytes()
+    offsets = [64 + k * (len(blob) - 128) // 7 for k in range(8)] + [len(blob) - 3]  # + length
+    for k, pos in enumerate(offsets):
+        b = bytearray(blob)
+        b[pos] ^= 0x55
+        bad = tmp_path / f"bad{k}.tar.gz"
+        bad.write_bytes(bytes(b))
+        with pytest.raises(ValueError, match=rf"bad{k}\.tar\.gz"):
+            load_data(str(bad), cache_dir=tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("bad*"))  # nothing damaged was cached
+    plain = tmp_path / "plain.tar"  # a damaged header ended the listing: "data_batch_3 missing"
+    with tarfile.open(plain, "w:") as tf:
+        tf.add(cifar_dir, arcname="cifar-10-batches-py")
+    with tarfile.open(plain) as tf:
+        offset = tf.getmember("cifar-10-batches-py/data_batch_3").offset
+    b = bytearray(plain.read_bytes())
+    b[offset + 5] ^= 0x55
+    plain.write_bytes(bytes(b))
+    with pytest.raises(ValueError, match=r"plain\.tar: unreadable tar header.*data_batch_2"):
+        load_data(str(plain), cache_dir=tmp_path / "cache")
+
+
+def test_corrupt_zip_member_is_named(folder_zip, tmp_path: Path) -> None:
+    src, _ = folder_zip
+    path = tmp_path / "deflated.zip"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zout:
+        for name in zin.namelist():
+            zout.writestr(name, zin.read(name))
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo("top/train/cat/001.png")
+    data = bytearray(path.read_bytes())
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    for j in range(start + 2, start + 12):  # damage the deflate stream: was a bare zlib.error
+        data[j] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"deflated\.zip:top/train/cat/001\.png"):
+        load_data(str(path), cache_dir=tmp_path)
+
+
+def _image_tree(root: Path, tree: dict[str, dict[str, list[np.ndarray]]]) -> None:
+    """root/<split>/<class>/<i>.png from {split: {class: [H x W x 3 arrays]}}."""
+    for split, classes in tree.items():
+        for cls, arrays in classes.items():
+            (root / split / cls).mkdir(parents=True)
+            for i, a in enumerate(arrays):
+                (root / split / cls / f"{i}.png").write_bytes(_png(a))
+
+
+def test_image_folder_one_size_across_splits(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+
+    def imgs(side: int) -> list[np.ndarray]:
+        return [rng.integers(0, 256, (side, side, 3), dtype=np.uint8) for _ in range(2)]
+
+    root = tmp_path / "sizes"
+    _image_tree(root, {"train": {"a": imgs(8), "b": imgs(8)}, "test": {"a": imgs(16)}})
+    with pytest.raises(ValueError, match=r"test/a/0\.png.*\(16, 16, 3\).*train/a/0\.png"):
+        load_data(str(root), cache_dir=tmp_path / "cache")
+
+
+def test_classes_when_test_lacks_a_train_class(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+
+    def imgs(n: int = 3) -> list[np.ndarray]:
+        return [rng.integers(0, 256, (4, 4, 3), dtype=np.uint8) for _ in range(n)]
+
+    root = tmp_path / "abc"  # test/ has no 'c' (allowed): the label map was sized by test's max
+    _image_tree(root, {"train": {"a": imgs(), "b": imgs(), "c": imgs()}, "test": {"a": imgs()}})
+    s = load_data(str(root), cache_dir=tmp_path / "cache", classes=["a", "b", "c"], val_size=0)
+    assert s.test.labels.tolist() == [0, 0, 0] and len(s.train) == 9
+    s = load_data(str(root), cache_dir=tmp_path / "cache", classes=["c", "a"], val_size=0)
+    assert (
+        s.test.labels.tolist() == [1, 1, 1] and sorted(s.train.labels.tolist()) == [0] * 3 + [1] * 3
+    )
+
+
+def test_zip_member_names_kept_and_macos_files_skipped(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    a = {n: rng.integers(0, 256, (4, 4, 3), dtype=np.uint8) for n in ("tr", "te")}
+    apple_double = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X"  # Finder metadata, not a PNG
+    path = tmp_path / "finder.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("./train/x/0.png", _png(a["tr"]))  # read back as 'train/x/0.png': KeyError
+        zf.writestr("./test/x/0.png", _png(a["te"]))
+        zf.writestr("__MACOSX/train/x/._0.png", apple_double)
+        zf.writestr("./train/x/._0.png", apple_double)
+    s = load_data(str(path), cache_dir=tmp_path / "cache", val_size=0)
+    assert len(s.train) == 1 and len(s.test) == 1 and s.classes == ["x"]
+    assert torch.equal(s.train.images[0], torch.from_numpy(a["tr"]).permute(2, 0, 1))
+    folder = tmp_path / "unzipped"  # the same files extracted: ._ files skipped there too
+    with zipfile.ZipFile(path) as zf:
+        zf.extractall(folder)
+    f = load_data(str(folder), cache_dir=tmp_path / "cache", val_size=0)
+    assert torch.equal(f.train.images, s.train.images) and torch.equal(f.test.images, s.test.images)
+
+
 # -- augmentation --
 def _marker_batch(n: int = 64, size: int = 32) -> torch.Tensor:
     """Identical images, each with one bright pixel at (10, 12) so its displacement shows."""

@@ -95,7 +95,9 @@ def load_raw(spec: str, *, cache_dir: Path | None = None, verbose: bool = False)
 
 
 def _keep_classes(x: Tensor, y: Tensor, keep: list[int]) -> tuple[Tensor, Tensor]:
-    mapping = torch.full((int(y.max()) + 1 if len(y) else 1,), -1, dtype=torch.int64)
+    # sized for both the kept classes and this split's labels: a split may lack the last class
+    size = max([*keep, int(y.max()) if len(y) else 0]) + 1
+    mapping = torch.full((size,), -1, dtype=torch.int64)
     mapping[torch.tensor(keep)] = torch.arange(len(keep))
     new = mapping[y]
     mask = new >= 0

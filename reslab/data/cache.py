@@ -13,7 +13,9 @@ from reslab.data.sources import RawData
 
 __all__ = ["cache_path", "default_cache_dir", "load_cached", "save_cached"]
 
-CACHE_VERSION = 1  # bump when a reader's output changes
+# bump when a reader's output changes; 2: the readers now refuse damaged or incomplete sources
+# that version 1 decoded and cached (a cache hit would keep serving them)
+CACHE_VERSION = 2
 
 
 def default_cache_dir() -> Path:

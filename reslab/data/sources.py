@@ -6,10 +6,12 @@ Each reader returns a :class:`RawData` (the source's own train/test split, nothi
 
 from __future__ import annotations
 
+import gzip
 import io
 import pickle
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -100,7 +102,7 @@ def _unpickle(data: bytes, where: str) -> dict:
 
 
 def _cifar_members(path: Path) -> dict[str, tuple[str, bytes]]:
-    """{file name: (where, bytes)} of every regular file in a CIFAR folder or .tar.gz."""
+    """{file name: (where, bytes)} of every regular file in a CIFAR folder, .tar.gz or .tar."""
     out: dict[str, tuple[str, bytes]] = {}
     if path.is_dir():
         for f in sorted(path.rglob("*")):
@@ -108,13 +110,24 @@ def _cifar_members(path: Path) -> dict[str, tuple[str, bytes]]:
                 out[f.name] = (str(f), f.read_bytes())
         return out
     try:
-        with tarfile.open(path, "r:*") as tar:
-            for m in tar.getmembers():
+        blob = path.read_bytes()
+        if blob[:2] == b"\x1f\x8b":
+            # tarfile stops at the end-of-archive marker and never checks the gzip CRC/length:
+            # decompress the whole stream first so damaged bytes fail here, not as wrong pixels
+            blob = gzip.decompress(blob)
+        with tarfile.open(fileobj=io.BytesIO(blob), mode="r:") as tar:
+            members = tar.getmembers()
+            # tarfile ends the listing quietly at a damaged header after the first: only zero
+            # blocks may follow where it stopped, else a later file would be reported "missing"
+            if blob[tar.offset :].strip(b"\0"):
+                after = f" after {members[-1].name}" if members else ""
+                raise tarfile.ReadError(f"unreadable tar header at byte {tar.offset}{after}")
+            for m in members:
                 if m.isfile():
                     fobj = tar.extractfile(m)
                     assert fobj is not None
                     out[PurePosixPath(m.name).name] = (f"{path}:{m.name}", fobj.read())
-    except (tarfile.TarError, OSError, EOFError) as exc:
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         raise ValueError(f"corrupt CIFAR archive {path}: {exc}") from exc
     return out
 
@@ -136,15 +149,16 @@ def read_cifar_python(path: Path) -> RawData:
     """CIFAR-10 (``data_batch_1..5``, ``test_batch``, ``batches.meta``) or CIFAR-100 (``train``,
     ``test``, ``meta``; fine labels) in the official python format, as a folder or ``.tar.gz``."""
     files = _cifar_members(path)
-    if "batches.meta" in files or "data_batch_1" in files:  # CIFAR-10
-        train_names = sorted(n for n in files if n.startswith("data_batch_"))
+    if "batches.meta" in files or any(n.startswith(("data_batch_", "test_batch")) for n in files):
+        # CIFAR-10: all five batches are expected, so a missing one is named, never skipped
+        train_names = [f"data_batch_{i}" for i in range(1, 6)]
         test_names, meta_name, label_key, names_key = (
             ["test_batch"],
             "batches.meta",
             "labels",
             "label_names",
         )
-    elif "train" in files and "meta" in files:  # CIFAR-100
+    elif "train" in files or "meta" in files:  # CIFAR-100: the check below names what is missing
         train_names, test_names, meta_name = ["train"], ["test"], "meta"
         label_key, names_key = "fine_labels", "fine_label_names"
     else:
@@ -171,17 +185,30 @@ def read_cifar_python(path: Path) -> RawData:
 
 
 # -- image folders -------------------------------------------------------------------------------
-def _list_images(path: Path) -> Iterator[tuple[PurePosixPath, str]]:
-    """(relative path, where) of every image file, from a directory or a zip archive."""
+def _is_image(rel: PurePosixPath) -> bool:
+    """An image by its suffix, except macOS Finder metadata (``__MACOSX/``, ``._*`` AppleDouble
+    files), which carries image suffixes but is not an image."""
+    return (
+        rel.suffix.lower() in IMAGE_SUFFIXES
+        and "__MACOSX" not in rel.parts
+        and not rel.name.startswith("._")
+    )
+
+
+def _list_images(path: Path) -> Iterator[tuple[PurePosixPath, str, str]]:
+    """(relative path, where, name to read) of every image file, from a directory or a zip
+    archive. The name to read is the file's path, or the zip member's name as stored: the
+    relative path is normalised (``./train/a.png`` -> ``train/a.png``) and may not open it."""
     if path.is_dir():
         for f in sorted(path.rglob("*")):
-            if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file():
-                yield PurePosixPath(f.relative_to(path).as_posix()), str(f)
+            rel = PurePosixPath(f.relative_to(path).as_posix())
+            if _is_image(rel) and f.is_file():
+                yield rel, str(f), str(f)
     else:
         with _open_zip(path) as zf:
             for name in sorted(zf.namelist()):
-                if PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES:
-                    yield PurePosixPath(name), f"{path}:{name}"
+                if _is_image(PurePosixPath(name)):
+                    yield PurePosixPath(name), f"{path}:{name}", name
 
 
 def _open_zip(path: Path) -> zipfile.ZipFile:
@@ -224,7 +251,7 @@ def _decode(data: bytes, where: str) -> np.ndarray:
 def read_image_folder(path: Path) -> RawData:
     """Images in ``[top/]train/<class>/`` and ``[top/]test/<class>/``, from a folder or a zip read
     in place. Class names are the sorted folder names of ``train/``; all images share one size."""
-    entries = dict(_list_images(path))
+    entries = {rel: (where, name) for rel, where, name in _list_images(path)}
     layout = _split_layout(list(entries), path)
     classes = sorted(layout["train"])
     unknown = sorted(set(layout["test"]) - set(classes))
@@ -233,24 +260,28 @@ def read_image_folder(path: Path) -> RawData:
     zf = None if path.is_dir() else _open_zip(path)
 
     def read_bytes(rel: PurePosixPath) -> bytes:
+        where, name = entries[rel]
         if zf is None:
-            return Path(entries[rel]).read_bytes()
+            return Path(name).read_bytes()
         try:
-            return zf.read(str(rel))
-        except (zipfile.BadZipFile, OSError, KeyError) as exc:
-            raise ValueError(f"cannot read {entries[rel]}: {exc}") from exc
+            return zf.read(name)
+        except (zipfile.BadZipFile, OSError, KeyError, EOFError, zlib.error) as exc:
+            # a damaged deflate stream raises a bare zlib.error that names no file
+            raise ValueError(f"cannot read {where}: {exc}") from exc
+
+    first: list[tuple[tuple[int, ...], str]] = []  # (shape, where) of the first image decoded
 
     def read_split(split: str) -> tuple[Tensor, Tensor]:
-        arrays, labels, shape = [], [], None
+        arrays, labels = [], []
         for label, cls in enumerate(classes):
             for rel in layout[split].get(cls, []):
-                a = _decode(read_bytes(rel), entries[rel])
-                if shape is None:
-                    shape = a.shape
-                elif a.shape != shape:
-                    raise ValueError(
-                        f"image {entries[rel]} is {a.shape}, expected {shape} like the others"
-                    )
+                where = entries[rel][0]
+                a = _decode(read_bytes(rel), where)
+                if not first:
+                    first.append((a.shape, where))
+                elif a.shape != first[0][0]:  # one size across train and test: a model fits one
+                    shape, ref = first[0]
+                    raise ValueError(f"image {where} is {a.shape}, expected {shape} like {ref}")
                 arrays.append(a)
                 labels.append(label)
         x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
