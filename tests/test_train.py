@@ -29,7 +29,7 @@ from reslab.train import (
     learning_rate,
     train_resolution,
 )
-from reslab.train.checkpoint import BEST, LATEST, load_model
+from reslab.train.checkpoint import BEST, LATEST, load_model, save_checkpoint
 from reslab.train.schedule import wants_warmup
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,6 +253,15 @@ def test_resume_rewrites_metrics_from_the_checkpoint(digits, tmp_path: Path) -> 
     fit(_model(), digits, _cfg(iters=30), tmp_path, resume=True)
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").open()]
     assert steps == [10, 20, 30]
+
+
+def test_failed_checkpoint_write_keeps_the_old_file(tmp_path: Path) -> None:
+    path = tmp_path / LATEST
+    save_checkpoint({"step": 1}, path)
+    with pytest.raises(Exception, match="pickle"):
+        save_checkpoint({"step": 2, "bad": lambda: None}, path)  # torch.save cannot write it
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert [f.name for f in tmp_path.iterdir()] == [LATEST]  # no temporary file left behind
 
 
 # -- faults --

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from reslab._io import atomic_path
 from reslab.data.sources import RawData
 
 __all__ = ["cache_path", "default_cache_dir", "load_cached", "save_cached"]
@@ -64,16 +65,14 @@ def load_cached(file: Path) -> RawData | None:
 
 def save_cached(raw: RawData, file: Path) -> None:
     """Write atomically (temporary file + rename) so an interrupted write never looks valid."""
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-    torch.save(
-        {
-            "train_images": raw.train_images,
-            "train_labels": raw.train_labels,
-            "test_images": raw.test_images,
-            "test_labels": raw.test_labels,
-            "classes": raw.classes,
-        },
-        tmp,
-    )
-    os.replace(tmp, file)
+    with atomic_path(file) as tmp:
+        torch.save(
+            {
+                "train_images": raw.train_images,
+                "train_labels": raw.train_labels,
+                "test_images": raw.test_images,
+                "test_labels": raw.test_labels,
+                "classes": raw.classes,
+            },
+            tmp,
+        )

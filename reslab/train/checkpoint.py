@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from reslab._io import atomic_path
 from reslab.data.augment import Normalize
 from reslab.models import DenseConfig, DenseResNet, ResNetConfig, build_model
 
@@ -28,10 +28,8 @@ BEST = "checkpoint_best.pt"  # the lowest validation error so far
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """``torch.save`` to a temporary file, then rename: a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -548,4 +548,7 @@ def _restore(
     run.generator.set_state(rng["data"])
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+        # the devices both machines have: a checkpoint from one with more visible GPUs must
+        # resume on one with fewer (set_rng_state_all would index past the last device)
+        for index, state in enumerate(rng["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, index)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -12,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from reslab._io import atomic_path
 
 __all__ = ["Progress", "append_metrics", "git_revision", "plot_curves", "write_json"]
 
@@ -49,9 +50,8 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def append_metrics(path: Path, record: dict[str, Any]) -> None:
