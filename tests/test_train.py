@@ -478,6 +478,42 @@ def test_ddp_comparison_tells_per_rank_batchnorm_apart(digits, tmp_path: Path) -
     assert not all(close)
 
 
+def _sync_bn_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch.distributed as dist
+
+    from reslab.train.distributed import CPUSyncBatchNorm
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    x = torch.randn(3, 8, 4, 5, 5, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    stats = {}
+    for momentum in (None, 0.1):
+        bn = CPUSyncBatchNorm(4, momentum=momentum).train()
+        for batch in x:  # each rank normalises its half of every batch
+            bn(batch.chunk(world)[rank])
+        stats[str(momentum)] = (bn.running_mean.clone(), bn.running_var.clone())
+    if rank == 0:
+        torch.save({"x": x, "stats": stats}, out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_cpu_sync_batchnorm_running_stats_equal_batchnorm_on_the_full_batch(
+    tmp_path: Path,
+) -> None:
+    """Including momentum=None, which BatchNorm2d defines as the cumulative average."""
+    out = tmp_path / "bn.pt"
+    torch.multiprocessing.spawn(_sync_bn_worker, args=(2, _free_port(), str(out)), nprocs=2)
+    saved = torch.load(out, weights_only=True)
+    for momentum in (None, 0.1):
+        ref = nn.BatchNorm2d(4, momentum=momentum).train()
+        for batch in saved["x"]:
+            ref(batch)
+        mean, var = saved["stats"][str(momentum)]
+        torch.testing.assert_close(mean, ref.running_mean, msg=f"momentum {momentum}")
+        torch.testing.assert_close(var, ref.running_var, msg=f"momentum {momentum}")
+
+
 # -- the default job --
 @pytest.mark.slow
 def test_digits_recipe_reaches_high_accuracy_quickly(digits) -> None:

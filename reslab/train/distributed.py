@@ -66,10 +66,13 @@ class CPUSyncBatchNorm(nn.BatchNorm2d):
         var = all_reduce((centred * centred).sum((0, 2, 3)), group=group) / n
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
-                m = self.momentum if self.momentum is not None else 0.1
+                self.num_batches_tracked += 1
+                # momentum None: BatchNorm2d's cumulative average over the batches seen so far
+                m = self.momentum
+                if m is None:
+                    m = 1.0 / float(self.num_batches_tracked)
                 self.running_mean.lerp_(mean.detach(), m)
                 self.running_var.lerp_(var.detach() * n / (n - 1), m)
-                self.num_batches_tracked += 1
         shape = (1, c, 1, 1)
         y = centred * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
