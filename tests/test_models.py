@@ -45,6 +45,38 @@ def test_torchvision_parity(depth: int) -> None:
     assert n_params(create_model(f"resnet{depth}")) == n_params(ref)
 
 
+def test_create_model_from_torchvision_weights_computes_torchvision(tmp_path) -> None:
+    """torchvision's bottlenecks stride the 3x3 conv: create_model(pretrained=) must build the
+    model that way, or the same weights compute another function (no error, no warning)."""
+    torch.manual_seed(0)
+    ref = torchvision.models.resnet50().eval()
+    path = tmp_path / "tv50.pth"
+    torch.save(ref.state_dict(), path)
+    ours = create_model("resnet50", pretrained=str(path)).eval()
+    assert ours.config.stride_in == "3x3"
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(x) - ref(x)).abs().max().item() <= 1e-5
+    with pytest.warns(UserWarning, match="stride"):  # asked for the paper's 1x1: said, not hidden
+        create_model("resnet50", pretrained=str(path), stride_in="1x1")
+
+
+@pytest.mark.parametrize("name", ["cifar_resnet20", "dense_resnet10"])
+def test_reset_classifier_keeps_dtype_and_device(name: str) -> None:
+    model = create_model(name).double()
+    model.reset_classifier(7)
+    assert model.fc.weight.dtype == torch.float64 and model.config.num_classes == 7
+    shape = (1, 8, 8) if name.startswith("dense") else (3, 32, 32)  # the digits / CIFAR
+    x = torch.randn(2, *shape, dtype=torch.float64)
+    assert model.eval()(x).shape == (2, 7)
+
+
+def test_zero_init_residual_refuses_plain_nets() -> None:
+    with pytest.raises(ValueError, match="needs a shortcut"):
+        create_model("cifar_plain20", zero_init_residual=True)
+    create_model("cifar_resnet20", zero_init_residual=True)  # with shortcuts it is the point
+
+
 # He et al. 2015 Table 6 and He et al. 2016 Tables 3/4, in millions.
 CIFAR_PARAMS = {
     "cifar_resnet20": 0.27,

@@ -43,6 +43,9 @@ class ResNetConfig:
         for name in ("num_classes", "in_channels", "stem_width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.zero_init_residual and self.shortcut == "none":
+            # a plain unit is its branch alone: zeroing it makes every input's features equal
+            raise ValueError("zero_init_residual needs a shortcut; a plain net would output 0")
 
     @property
     def depth(self) -> int:

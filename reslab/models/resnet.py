@@ -122,5 +122,6 @@ class ResNet(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier with a freshly initialised one of ``num_classes`` outputs."""
-        self.fc = nn.Linear(self.num_features, num_classes).to(self.fc.weight.device)
+        w = self.fc.weight  # the new head lives where the old one did, in its dtype
+        self.fc = nn.Linear(self.num_features, num_classes).to(device=w.device, dtype=w.dtype)
         self.config = dataclasses.replace(self.config, num_classes=num_classes)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import warnings
 from typing import Any
 
 from torch import nn
@@ -110,15 +111,26 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
 
     ``pretrained=PATH`` (and optionally ``pretrained_sha256=HEX``) then initialises it from a
     weight file with :func:`reslab.transfer.load_pretrained`, adapting the first layer to
-    ``in_channels`` and the classifier to ``num_classes``.
+    ``in_channels`` and the classifier to ``num_classes``. torchvision and timm bottlenecks stride
+    their 3x3 convolution ("ResNet v1.5"), so from their files a bottleneck model is built with
+    ``stride_in="3x3"`` unless ``stride_in`` is given; what the load report notes beyond that is
+    raised as a warning.
     """
     pretrained = overrides.pop("pretrained", None)
     sha256 = overrides.pop("pretrained_sha256", None)
     if sha256 is not None and pretrained is None:
         raise ValueError("pretrained_sha256 needs pretrained=PATH")
-    model = build_model(get_config(name, **overrides))
-    if pretrained is not None:
-        from reslab.transfer import load_pretrained  # lazy: reslab.transfer imports the zoo's users
+    if pretrained is None:
+        return build_model(get_config(name, **overrides))
 
-        load_pretrained(model, pretrained, sha256=sha256)
+    from reslab.transfer import load_pretrained, read_weights  # lazy: they import the zoo
+
+    foreign = read_weights(pretrained, sha256=sha256).format != "reslab"
+    bottleneck = getattr(get_config(name), "block", None) == "bottleneck"
+    if foreign and bottleneck and "stride_in" not in overrides:
+        overrides["stride_in"] = "3x3"  # else the same weights compute another function
+    model = build_model(get_config(name, **overrides))
+    report = load_pretrained(model, pretrained, sha256=sha256)
+    for note in report.notes:
+        warnings.warn(f"{pretrained}: {note}", stacklevel=2)
     return model
