@@ -7,6 +7,7 @@ pooling are not counted, as in the paper's Table 1.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -105,6 +106,14 @@ def _stages(model: nn.Module) -> list[tuple[str, str, list[nn.Module], Any]]:
 @torch.no_grad()
 def summarize(model: nn.Module, input_size: tuple[int, ...], name: str = "") -> ModelSummary:
     """Run one sample of ``input_size`` (C, H, W) through ``model`` stage by stage."""
+    if not input_size or any(int(d) < 1 for d in input_size):
+        raise ValueError(f"input size must be positive (C, H, W), got {tuple(input_size)}")
+    if isinstance(model, DenseResNet) and math.prod(input_size) != model.config.widths[0]:
+        # the stages below are called one by one, past the model's own input check
+        raise ValueError(
+            f"{name or 'this dense net'} reads {model.config.widths[0]} values per sample; input "
+            f"size {tuple(input_size)} has {math.prod(input_size)}"
+        )
     was_training = model.training
     model.eval()
     try:

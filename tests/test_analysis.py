@@ -245,3 +245,40 @@ def test_cli_gradflow_on_a_checkpoint(tmp_path) -> None:
     x, y, _ = gradflow.sample_batch(model, 8)
     expected = gradflow.gradient_profile(model, x, y).first_last_ratio
     assert data[str(ckpt)]["first_last_ratio"] == pytest.approx(expected, rel=1e-5)
+
+
+_FULL_DISK = """
+import json, resource, signal, sys
+from pathlib import Path
+from reslab.analysis.common import write_json as analysis_json
+from reslab.train.outputs import write_json as run_json
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail like a full disk
+out = Path(sys.argv[1])
+big = {"values": list(range(5000))}
+for name, write in (("a.json", lambda: analysis_json(out, "a.json", big)),
+                    ("b.json", lambda: run_json(out / "b.json", big))):
+    (out / name).write_text(json.dumps({"old": "result"}))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+    try:
+        write()
+        raise SystemExit(f"{name}: the write should have failed")
+    except OSError:
+        pass
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+"""
+
+
+def test_a_failed_result_write_keeps_the_previous_result(tmp_path) -> None:
+    """Experiment JSON (and run JSON) go through a temporary file: a write that fails part-way
+    (a full disk, simulated with RLIMIT_FSIZE) leaves the previous file whole."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK, str(tmp_path)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr + done.stdout
+    for name in ("a.json", "b.json"):
+        assert json.loads((tmp_path / name).read_text()) == {"old": "result"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]  # no temporaries

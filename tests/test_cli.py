@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from reslab.cli import main
 
 
@@ -40,3 +42,22 @@ def test_python_dash_m() -> None:
         check=True,
     ).stdout.split()
     assert out == ["resnet101", "resnet152", "resnet18"]
+
+
+def test_summary_refuses_input_sizes_the_model_cannot_take(capsys) -> None:
+    assert main(["summary", "dense_resnet10", "--input-size", "16"]) == 2  # 256 values, not 64
+    assert "reads 64 values" in capsys.readouterr().err
+    assert main(["summary", "resnet18", "--input-size", "0"]) == 2
+    assert "must be positive" in capsys.readouterr().err
+
+
+def test_analyze_refuses_empty_batches_and_depths(tmp_path, capsys) -> None:
+    for argv in (
+        ["gradflow", "cifar_resnet20", "--batch-size", "0"],  # was a ZeroDivisionError
+        ["orderings", "--depth", "0"],  # was silently the default depth
+    ):
+        with pytest.raises(SystemExit) as info:
+            main(["analyze", *argv, "--out", str(tmp_path)])
+        assert info.value.code == 2
+        assert "must be >= 1, got 0" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

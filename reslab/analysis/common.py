@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from reslab._io import atomic_path
+
 __all__ = [
     "Batch",
     "format_table",
@@ -79,7 +81,8 @@ def write_json(out_dir: Path, name: str, payload: dict[str, Any]) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / name
-    path.write_text(json.dumps(_clean(payload), indent=1) + "\n")
+    with atomic_path(path) as tmp:  # a failed write keeps the previous result
+        tmp.write_text(json.dumps(_clean(payload), indent=1) + "\n")
     return path
 
 
@@ -107,7 +110,8 @@ def save_figure(fig: Any, out_dir: Path, name: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / name
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path
 

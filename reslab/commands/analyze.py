@@ -30,6 +30,22 @@ HELP = {
 }
 
 
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1 (a batch of 0 or a depth of 0 is no experiment)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="the seeds' theory as experiments (JSON + PNG)")
     exp = p.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
@@ -42,7 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                 metavar="MODEL",
                 help="registered model names or checkpoint files",
             )
-            e.add_argument("--batch-size", type=int, default=8)
+            e.add_argument("--batch-size", type=_positive, default=8)
         e.add_argument("--out", type=Path, required=True, help="folder for the JSON and PNGs")
         e.add_argument("--quick", action="store_true", help="a CPU budget of <= 5 minutes")
         if name != "toy":
@@ -55,7 +71,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             )
             e.add_argument("--seed", type=int, default=0)
         if name in ("degradation", "responses", "lesion", "ode", "orderings"):
-            e.add_argument("--iters", type=int, default=None, help="optimiser steps per network")
+            e.add_argument(
+                "--iters", type=_positive, default=None, help="optimiser steps per network"
+            )
         if name in TRAINING:
             e.add_argument(
                 "--recipe",
@@ -63,13 +81,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                 choices=("digits", "fast", "paper"),
                 help="trainer preset (default: digits on digits, else fast in fp32)",
             )
-            e.add_argument("--batch-size", type=int, default=None)
+            e.add_argument("--batch-size", type=_positive, default=None)
             e.add_argument("--lr", type=float, default=None)
-            e.add_argument("--eval-every", type=int, default=None)
+            e.add_argument("--eval-every", type=_positive, default=None)
         if name in ("degradation", "responses"):
-            e.add_argument("--depths", type=int, nargs="+", default=None)
+            e.add_argument("--depths", type=_positive, nargs="+", default=None)
         if name in ("lesion", "orderings"):
-            e.add_argument("--depth", type=int, default=None)
+            e.add_argument("--depth", type=_positive, default=None)
         if name in TRAINING:
             e.add_argument(
                 "--train-fraction",
@@ -77,16 +95,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                 default=1.0,
                 help="keep this fraction of each class's training images",
             )
-            e.add_argument("--val-size", type=int, default=None, help="validation images")
+            e.add_argument("--val-size", type=_count, default=None, help="validation images")
             e.add_argument(
                 "--test-size",
-                type=int,
+                type=_positive,
                 default=None,
                 help="evaluate on a seeded random subset of this many test images",
             )
         e.add_argument(
             "--threads",
-            type=int,
+            type=_positive,
             default=None,
             help="torch CPU threads (1 avoids oversubscription on a shared machine)",
         )

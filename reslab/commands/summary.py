@@ -65,10 +65,6 @@ def _fmt(v: float | None) -> str:
     return "" if v is None else f"{v:g}"
 
 
-def _fmt(v: float | None) -> str:
-    return "" if v is None else f"{v:g}"
-
-
 def model_table(pattern: str | None = None) -> str:
     """Markdown table of every registered model next to the paper's figures."""
     lines = [

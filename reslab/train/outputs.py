@@ -82,7 +82,8 @@ def plot_curves(history: list[dict[str, Any]], path: Path, *, title: str = "") -
     ax.legend()
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
 
