@@ -50,7 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+    # OSError: missing files, but also e.g. --out under an existing file (NotADirectoryError)
+    except (ValueError, OSError) as exc:
         print(f"reslab {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

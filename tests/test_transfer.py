@@ -316,3 +316,279 @@ def test_foreign_file_needs_a_model_name(tmp_path: Path) -> None:
     net, report = pretrained_model(path, num_classes=4, in_channels=1, model="resnet18")
     assert net.conv1.in_channels == 1 and net.fc.out_features == 4 and report.ok
     assert len(report.adapted) == 2
+
+
+# -- review fixes: weight files ----------------------------------------------------------------
+def save_run_checkpoint(
+    model: nn.Module, path: Path, classes: list[str], normalization: dict | None = None
+) -> Path:
+    """A checkpoint as ``reslab.train.fit`` writes it (the entries predict and finetune read)."""
+    from reslab.train.checkpoint import model_record
+
+    record = model_record(model)
+    torch.save({**record, "normalization": normalization, "classes": classes, "step": 0,
+                "train_config": {}}, path)  # fmt: skip
+    return path
+
+
+def test_headless_backbone_gets_a_fresh_head(tmp_path: Path) -> None:
+    from reslab.transfer import pretrained_model
+
+    ref = randomize_bn(timm.create_model("resnet18", num_classes=0))
+    path = save_pth(ref.state_dict(), tmp_path / "headless.pth")
+    assert not any(k.startswith("fc.") for k in ref.state_dict())
+    net, report = pretrained_model(path, num_classes=4, in_channels=3, model="resnet18")
+    assert report.ok and not report.missing
+    assert any("fc" in a and "freshly initialised" in a for a in report.adapted), report.adapted
+    assert net.fc.out_features == 4 and len(report.loaded) == len(ref.state_dict())
+    with torch.no_grad():  # the backbone's features are the file's
+        features = net.eval().forward_head(net.forward_features(X224), pre_logits=True)
+        assert torch.allclose(features, ref(X224), atol=1e-5)
+
+
+CORRUPT = ["text.pth", "empty.pth", "trunc.pth", "garbage.pkl", "trunc.safetensors",
+           "pickle.safetensors"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", CORRUPT)
+def test_corrupt_weight_files_are_named_value_errors(tmp_path: Path, name: str) -> None:
+    from reslab.transfer import read_weights
+
+    state = create_model("cifar_resnet20").state_dict()
+    good_pth = save_pth(state, tmp_path / "good.pth").read_bytes()
+    good_st = save_safetensors(state, tmp_path / "good.st").read_bytes()
+    content = {
+        "text.pth": b"hello, not weights\n",
+        "empty.pth": b"",
+        "trunc.pth": good_pth[: len(good_pth) // 2],
+        "garbage.pkl": b"\x80\x02garbage, not a pickle of anything",
+        "trunc.safetensors": good_st[:5000],
+        "pickle.safetensors": good_pth,
+    }[name]
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="corrupt or unreadable weight file") as info:
+        read_weights(path)
+    assert str(path) in str(info.value)
+    assert not isinstance(info.value, UnsafeWeightsError)  # unreadable is not "unsafe"
+
+
+def test_compiled_ddp_prefixes_are_all_stripped(tmp_path: Path) -> None:
+    from reslab.transfer import read_weights
+
+    state = create_model("cifar_resnet20").state_dict()
+    path = save_pth(state, tmp_path / "w.pth", prefix="_orig_mod.module.")  # compile(DDP(model))
+    assert set(read_weights(path).state_dict) == set(state)
+
+
+def test_cli_reports_os_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from reslab.cli import main
+
+    ckpt = save_pth(create_model("cifar_resnet20").state_dict(), tmp_path / "w.pth")
+    afile = tmp_path / "file.txt"
+    afile.write_text("x")
+    argv = ["finetune", "--from", str(ckpt), "--model", "cifar_resnet20", "--data", "digits",
+            "--iters", "1", "--out", str(afile / "sub")]  # fmt: skip
+    assert main(argv) == 2
+    assert "reslab finetune: error:" in capsys.readouterr().err
+
+
+# -- review fixes: finetune options ------------------------------------------------------------
+def test_finetune_option_checks() -> None:
+    from reslab.transfer import FinetuneOptions
+
+    with pytest.raises(ValueError, match="unfreeze_every"):
+        FinetuneOptions(unfreeze_every=0)
+    with pytest.raises(ValueError, match="pretrained_lr_scale"):
+        FinetuneOptions(pretrained_lr_scale=-1.0)
+    FinetuneOptions(unfreeze_every=None, pretrained_lr_scale=0.0)  # frozen by lr: allowed
+
+
+def test_bad_freeze_part_leaves_no_run_folder(
+    cifar_file: tuple[nn.Module, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from reslab.cli import main
+
+    _, path = cifar_file
+    out = tmp_path / "ft"
+    argv = ["finetune", "--from", str(path), "--model", "cifar_resnet20", "--data", "digits",
+            "--iters", "1", "--freeze-until", "layer9", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 2
+    assert "unknown part 'layer9'" in capsys.readouterr().err
+    assert not out.exists()
+    assert main([*argv[:-4], "--unfreeze-every", "0", "--out", str(out)]) == 2
+    assert "unfreeze_every" in capsys.readouterr().err and not out.exists()
+
+
+# -- review fixes: resume a fine-tuning run ----------------------------------------------------
+def test_finetune_resume_equals_a_straight_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import signal
+
+    import reslab.train
+    from reslab.cli import build_parser, main
+    from reslab.commands.finetune import run_finetune
+    from reslab.train.checkpoint import LATEST, load_checkpoint
+
+    src = randomize_bn(create_model("cifar_resnet20", num_classes=5))
+    ckpt = save_run_checkpoint(src, tmp_path / "pre.pt", list("abcde"))
+    # a frozen part that is unfrozen on a schedule across the interruption, and pretrained
+    # layers at 0.3x the rate: the resumed run must rebuild both
+    argv = ["finetune", "--from", str(ckpt), "--data", "digits", "--classes", "1,2,3,4,5,6",
+            "--train-fraction", "0.5", "--val-size", "50", "--freeze-until", "layer2",
+            "--unfreeze-every", "4", "--pretrained-lr-scale", "0.3", "--recipe", "digits",
+            "--iters", "12", "--batch-size", "16", "--eval-every", "4"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "straight")]) == 0
+
+    real_fit = reslab.train.fit
+
+    def interrupted_fit(*args, on_step, **kw):
+        def step(s: int, model: nn.Module) -> None:
+            on_step(s, model)
+            if s == 6:
+                signal.raise_signal(signal.SIGTERM)  # the trainer's handler: checkpoint, stop
+
+        return real_fit(*args, on_step=step, **kw)
+
+    run = tmp_path / "resumed"
+    monkeypatch.setattr(reslab.train, "fit", interrupted_fit)
+    assert main([*argv, "--out", str(run)]) == 128 + signal.SIGTERM
+    assert f"reslab finetune --resume {run}" in capsys.readouterr().out
+    assert load_checkpoint(run / LATEST)["step"] == 7
+    monkeypatch.setattr(reslab.train, "fit", real_fit)
+    with pytest.raises(FileExistsError, match="reslab finetune --resume"):  # not a fresh run
+        run_finetune(build_parser().parse_args([*argv, "--out", str(run)]))
+    assert main(["finetune", "--resume", str(run), "--freeze-until", "stem"]) == 2
+    assert "--freeze-until" in capsys.readouterr().err
+    assert main(["finetune", "--resume", str(run)]) == 0
+
+    a = load_checkpoint(tmp_path / "straight" / LATEST)
+    b = load_checkpoint(run / LATEST)
+    assert b["step"] == 12 and torch.equal(a["losses"], b["losses"])
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert b["classes"] == list("123456")
+    config = (run / "config.json").read_text()
+    assert '"pretrained_lr_scale": 0.3' in config and '"train_fraction": 0.5' in config
+
+
+def test_train_resume_of_a_finetune_run_points_to_finetune_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from reslab.cli import main
+    from reslab.commands.finetune import check_train_resume
+
+    check_train_resume(tmp_path, {"train_config": {}})  # a `reslab train` run: fine
+    config = {"train_config": {}, "finetune": {"freeze_until": "none"}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["train", "--resume", str(tmp_path)]) == 2  # was torch's "parameter groups"
+    assert f"reslab finetune --resume {tmp_path}" in capsys.readouterr().err
+
+
+# -- review fixes: dense checkpoints, predict --------------------------------------------------
+@pytest.fixture(scope="module")
+def digit_images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    from PIL import Image
+
+    from reslab.data import load_data
+
+    folder = tmp_path_factory.mktemp("digits")
+    test = load_data("digits").test
+    paths = [folder / f"d{i}.png" for i in range(2)]
+    for i, p in enumerate(paths):
+        Image.fromarray(test.images[i, 0].numpy()).save(p)
+    return paths
+
+
+def test_dense_checkpoint_predicts_and_finetunes(
+    tmp_path: Path, digit_images: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from reslab.cli import main
+    from reslab.data import Normalize, load_data
+    from reslab.transfer.predict import predict_files
+
+    torch.manual_seed(0)
+    dense = create_model("dense_resnet10")  # 8x8 grey digits, flattened
+    norm = Normalize.fit(load_data("digits").train.images, "channel").to_dict()
+    ckpt = save_run_checkpoint(dense, tmp_path / "dense.pt", list("0123456789"), norm)
+    [(name, top)] = predict_files(ckpt, digit_images[:1], topk=3)
+    assert name.endswith("d0.png") and len(top) == 3
+    assert freeze_until(dense, "none") == [] and all(p.requires_grad for p in dense.parameters())
+    with pytest.raises(ValueError, match="no stages"):
+        freeze_until(dense, "stem")
+
+    out = tmp_path / "ft"
+    argv = ["finetune", "--from", str(ckpt), "--data", "digits", "--classes", "0,1,2",
+            "--iters", "2", "--eval-every", "2", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "new 3-class head" in (out / "config.json").read_text()
+    assert main(["predict", str(out), str(digit_images[0]), "--topk", "2"]) == 0
+    assert main([*argv[:-2], "--freeze-until", "stem", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert str(ckpt) in err and "--freeze-until none" in err and not (tmp_path / "x").exists()
+
+
+def test_predict_uses_the_per_pixel_mean_shape(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from reslab.data import Normalize
+    from reslab.transfer.predict import predict_files
+
+    net = create_model("cifar_resnet20", num_classes=2)
+    norm = Normalize("pixel", torch.rand(3, 12, 8), torch.ones(3, 12, 8)).to_dict()
+    ckpt = save_run_checkpoint(net, tmp_path / "rect.pt", ["a", "b"], norm)
+    image = tmp_path / "wide.png"
+    Image.new("RGB", (30, 20), (200, 10, 10)).save(image)
+    [(_, top)] = predict_files(ckpt, [image])  # trained on 12 high x 8 wide images
+    assert [c for c, _ in top] in (["a", "b"], ["b", "a"])
+    with pytest.raises(ValueError, match="12x8"):
+        predict_files(ckpt, [image], image_size=32)
+
+
+def test_predict_names_bad_images_and_topk(
+    tmp_path: Path, digit_images: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from reslab.cli import main
+    from reslab.transfer.predict import predict_files
+
+    net = create_model("cifar_resnet20", in_channels=1, num_classes=3)
+    ckpt = save_run_checkpoint(net, tmp_path / "c.pt", list("abc"))
+    notimg = tmp_path / "notimg.png"
+    notimg.write_text("not an image\n")
+    big = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), np.uint8)).save(big)
+    trunc = tmp_path / "trunc.png"
+    trunc.write_bytes(big.read_bytes()[: big.stat().st_size // 2])
+    folder = tmp_path / "adir"
+    folder.mkdir()
+    for bad in (notimg, trunc, folder):
+        with pytest.raises(ValueError, match=str(bad)):
+            predict_files(ckpt, [digit_images[0], bad], image_size=8)
+        assert main(["predict", str(ckpt), str(bad)]) == 2
+        assert str(bad) in capsys.readouterr().err
+    for k in (-1, 0):
+        with pytest.raises(ValueError, match=f"topk must be >= 1, got {k}"):
+            predict_files(ckpt, digit_images, topk=k)
+        assert main(["predict", str(ckpt), str(digit_images[0]), "--topk", str(k)]) == 2
+
+
+def test_16_bit_grey_images_are_scaled_not_clipped(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from reslab.transfer.predict import read_image
+
+    a = np.linspace(0, 65535, 64).astype(np.uint16).reshape(8, 8)
+    path = tmp_path / "g16.png"
+    Image.fromarray(a).save(path)
+    with Image.open(path) as img:
+        assert img.mode.startswith("I")
+    x = read_image(path, 1, 8)
+    expected = torch.from_numpy(np.round(a / 257).astype(np.uint8))
+    assert torch.equal(x[0], expected)
+    assert torch.equal(read_image(path, 3, 8), expected.expand(3, 8, 8))

@@ -4,10 +4,28 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_parser"]
+__all__ = ["add_parser", "check_train_resume"]
+
+# Options that define a fine-tuning run: `--resume` takes them from the run's config.json
+# (trainer flags such as --iters, --threads or --device, and --data for moved data, may change).
+_RUN_OPTIONS = {
+    "source": "--from",
+    "model": "--model",
+    "sha256": "--sha256",
+    "classes": "--classes",
+    "train_fraction": "--train-fraction",
+    "val_size": "--val-size",
+    "in_channels": "--in-channels",
+    "freeze_until": "--freeze-until",
+    "unfreeze_every": "--unfreeze-every",
+    "pretrained_lr_scale": "--pretrained-lr-scale",
+    "recipe": "--recipe",
+    "out": "--out",
+}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -16,14 +34,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="fine-tune pretrained weights on a data set",
         description="Initialise a network from a reslab checkpoint or a torchvision/timm weight "
         "file, adapt its first layer (input channels) and classifier (classes), and train it "
-        "with the reslab trainer. Writes the same run folder as `reslab train`.",
+        "with the reslab trainer. Writes the same run folder as `reslab train`; "
+        "`--resume RUN_DIR` continues an interrupted one.",
     )
     p.add_argument(
         "--from",
         dest="source",
-        required=True,
         metavar="CHECKPOINT",
-        help="reslab checkpoint/run folder, or a torchvision/timm .pth/.safetensors",
+        help="reslab checkpoint/run folder, or a torchvision/timm .pth/.safetensors (required "
+        "unless --resume)",
+    )
+    p.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue a fine-tuning run from its latest checkpoint, with the options it was "
+        "started with (trainer flags such as --iters or --threads may be given)",
     )
     p.add_argument(
         "--model",
@@ -33,14 +59,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sha256", help="expected SHA-256 of the weight file")
     p.add_argument(
         "--data",
-        required=True,
-        help="'digits', CIFAR python folder/.tar.gz, or an image folder/.zip",
+        help="'digits', CIFAR python folder/.tar.gz, or an image folder/.zip (required unless "
+        "--resume; with it, the run's data moved elsewhere)",
     )
     p.add_argument("--classes", help="comma-separated classes to keep, in this order")
     p.add_argument(
         "--train-fraction",
         type=float,
-        default=1.0,
         help="share of each class's training images to keep (default 1)",
     )
     p.add_argument("--val-size", type=int, help="validation images held out of train")
@@ -51,7 +76,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--freeze-until",
-        default="none",
         metavar="PART",
         help="freeze the stem and stages up to this one: stem, layer1, ... (default none)",
     )
@@ -64,8 +88,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--pretrained-lr-scale",
         type=float,
-        default=0.1,
-        help="learning rate of the pretrained layers relative to the new head",
+        help="learning rate of the pretrained layers relative to the new head (default 0.1)",
     )
     _add_trainer_options(p)
     p.set_defaults(func=run_finetune)
@@ -137,10 +160,26 @@ def run_finetune(args: argparse.Namespace) -> int:
     import torch
 
     from reslab.data import load_data
-    from reslab.train import TrainingInterrupted
     from reslab.transfer.finetune import FinetuneOptions, finetune
 
+    if args.resume is not None:
+        return _resume(args)
+    required = [flag for flag, value in (("--from", args.source), ("--data", args.data))
+                if value is None]  # fmt: skip
+    if required:
+        verb = "is" if len(required) == 1 else "are"
+        raise ValueError(f"{' and '.join(required)} {verb} required (or --resume RUN_DIR)")
+    options = FinetuneOptions(  # checked before the data is loaded
+        freeze_until=args.freeze_until or "none",
+        unfreeze_every=args.unfreeze_every,
+        pretrained_lr_scale=0.1 if args.pretrained_lr_scale is None else args.pretrained_lr_scale,
+        sha256=args.sha256,
+    )
+    train_fraction = 1.0 if args.train_fraction is None else args.train_fraction
     cfg = _train_config(args)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = args.out or Path("runs") / f"finetune-{Path(args.data).stem}-{stamp}"
+    _refuse_a_used_folder(out)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
@@ -148,7 +187,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         args.data,
         seed=cfg.seed,
         classes=classes,
-        train_fraction=args.train_fraction,
+        train_fraction=train_fraction,
         val_size=args.val_size,
     )
     if args.in_channels is not None and args.in_channels != splits.in_channels:
@@ -161,22 +200,35 @@ def run_finetune(args: argparse.Namespace) -> int:
         from reslab.train.checkpoint import find_checkpoint
 
         source = find_checkpoint(source)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = args.out or Path("runs") / f"finetune-{Path(args.data).stem}-{stamp}"
-    options = FinetuneOptions(
-        freeze_until=args.freeze_until,
-        unfreeze_every=args.unfreeze_every,
-        pretrained_lr_scale=args.pretrained_lr_scale,
-        sha256=args.sha256,
-    )
-    # What `reslab eval RUN_DIR` needs to find the data again (the classes are in the checkpoint).
+    # What `reslab eval RUN_DIR` and `reslab finetune --resume` need to find the data again.
     info = {"model_name": args.model, "data_spec": args.data, "val_size": args.val_size,
-            "classes": classes, "train_fraction": args.train_fraction}  # fmt: skip
+            "classes": classes, "train_fraction": train_fraction}  # fmt: skip
+    return _train(
+        lambda: finetune(source, splits, cfg, out, options=options, model=args.model,
+                         run_info=info),
+        out,
+    )  # fmt: skip
+
+
+def _refuse_a_used_folder(out: Path) -> None:
+    """Before any data is loaded; fit refuses too, but its message names `reslab train`."""
+    from reslab.train.checkpoint import BEST, LATEST
+
+    if any((out / name).exists() for name in (LATEST, BEST)):
+        raise FileExistsError(
+            f"run folder {out} already holds a run; continue it with "
+            f"`reslab finetune --resume {out}`, or fine-tune into another --out folder"
+        )
+
+
+def _train(run: Callable[[], Any], out: Path) -> int:
+    from reslab.train import TrainingInterrupted
+
     try:
-        result = finetune(source, splits, cfg, out, options=options, model=args.model,
-                          run_info=info)  # fmt: skip
+        result = run()
     except TrainingInterrupted as exc:
-        print(f"reslab finetune: {exc}", flush=True)
+        print(f"reslab finetune: {exc}; continue with `reslab finetune --resume {out}`",
+              flush=True)  # fmt: skip
         return 128 + exc.signum
     s = result.summary
     print(
@@ -184,6 +236,61 @@ def run_finetune(args: argparse.Namespace) -> int:
         f"training; run folder {out}"
     )
     return 0
+
+
+def check_train_resume(run_dir: Path, saved: dict[str, Any]) -> None:
+    """For ``reslab train --resume``: a fine-tuning run (its config.json, ``saved``, has a
+    ``finetune`` entry) has other optimiser groups, a freeze schedule and data options."""
+    if "finetune" in saved:
+        raise ValueError(
+            f"{run_dir} is a fine-tuning run (its optimiser groups, freeze schedule and data "
+            f"options come from reslab finetune): continue it with "
+            f"`reslab finetune --resume {run_dir}`"
+        )
+
+
+def _resume(args: argparse.Namespace) -> int:
+
+    from reslab.commands.train import resume_config
+    from reslab.data import load_data
+    from reslab.train.checkpoint import LATEST, load_checkpoint
+    from reslab.transfer.finetune import resume_finetune
+
+    run_dir: Path = args.resume
+    given = [flag for dest, flag in _RUN_OPTIONS.items() if getattr(args, dest) is not None]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} cannot be given with --resume: the run continues with the "
+            f"options in {run_dir / 'config.json'} (trainer flags such as --iters, --epochs, "
+            "--threads or --device, and --data for moved data, can)"
+        )
+    saved, cfg = resume_config(args, run_dir)
+    if "finetune" not in saved:
+        raise ValueError(
+            f"{run_dir} is not a fine-tuning run: continue it with `reslab train --resume "
+            f"{run_dir}`"
+        )
+    spec = args.data or saved["data_spec"]
+    # the run's own split: its seed (not a new --seed), classes, train fraction and val size
+    splits = load_data(
+        spec,
+        seed=saved["train_config"]["seed"],
+        classes=saved.get("classes"),
+        train_fraction=saved.get("train_fraction", 1.0),
+        val_size=saved.get("val_size"),
+    )
+    was = saved["data"]
+    if splits.classes != was["classes"] or len(splits.train) != was["train"]:
+        raise ValueError(
+            f"{spec} is not the data {run_dir} was trained on ({was['train']} training images "
+            f"of classes {was['classes']}; now {len(splits.train)} of {splits.classes})"
+        )
+    step = load_checkpoint(run_dir / LATEST)["step"]
+    # config.json is rewritten: it must name the data this process reads (a moved file)
+    info = {**{k: saved.get(k) for k in ("model_name", "val_size", "classes", "train_fraction")},
+            "data_spec": spec}  # fmt: skip
+    print(f"resume {run_dir} at step {step}", flush=True)
+    return _train(lambda: resume_finetune(run_dir, splits, cfg, run_info=info), run_dir)
 
 
 def run_predict(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from reslab.commands.finetune import check_train_resume
 from reslab.data import DataSplits, load_data
 from reslab.models import DenseConfig, build_model, get_config
 from reslab.train import PRESETS, TrainConfig, TrainingInterrupted, evaluate, fit
@@ -148,8 +149,9 @@ def run_train(args: argparse.Namespace) -> int:
     return _fit(model, splits, cfg, out, info, resume=False)
 
 
-def _resume(args: argparse.Namespace) -> int:
-    run_dir: Path = args.resume
+def resume_config(args: argparse.Namespace, run_dir: Path) -> tuple[dict[str, Any], TrainConfig]:
+    """A run folder's config.json and its trainer config with this command's flags applied (for
+    ``reslab train --resume`` and ``reslab finetune --resume``); sets the thread count."""
     config_file = run_dir / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"not a run folder (no config.json): {run_dir}")
@@ -159,6 +161,13 @@ def _resume(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, iters=None)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    return saved, cfg
+
+
+def _resume(args: argparse.Namespace) -> int:
+    run_dir: Path = args.resume
+    saved, cfg = resume_config(args, run_dir)
+    check_train_resume(run_dir, saved)  # a fine-tuning run needs its own groups and schedule
     spec = args.data or saved["data_spec"]
     splits = load_data(spec, val_size=saved.get("val_size"), verbose=True)
     ckpt = load_checkpoint(find_checkpoint(run_dir, prefer="checkpoint_latest.pt"))

@@ -263,7 +263,8 @@ def fit(
         # best) and a later --resume could continue the wrong weights: refuse, lose nothing
         raise FileExistsError(
             f"run folder {out_dir} already holds a run ({LATEST} or {BEST}); continue it with "
-            f"`reslab train --resume {out_dir}`, or train into another --out folder"
+            f"`--resume {out_dir}` (of `reslab train` or `reslab finetune`, whichever started "
+            f"it), or train into another --out folder"
         )
     if writes:
         out_dir.mkdir(parents=True, exist_ok=True)

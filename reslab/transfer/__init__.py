@@ -7,8 +7,14 @@ pretrained weights, and train. Submodules: :mod:`.weights` (safe reading, key ma
 parameter groups).
 """
 
-from reslab.transfer.finetune import FinetuneOptions, finetune, pretrained_model
+from reslab.transfer.finetune import (
+    FinetuneOptions,
+    finetune,
+    pretrained_model,
+    resume_finetune,
+)
 from reslab.transfer.freeze import (
+    check_freeze_point,
     freezable_parts,
     freeze_until,
     param_groups,
@@ -23,6 +29,7 @@ __all__ = [
     "UnsafeWeightsError",
     "Weights",
     "adapt_input_conv",
+    "check_freeze_point",
     "finetune",
     "freezable_parts",
     "freeze_until",
@@ -30,6 +37,7 @@ __all__ = [
     "param_groups",
     "pretrained_model",
     "read_weights",
+    "resume_finetune",
     "to_reslab_names",
     "unfreeze_schedule",
 ]

@@ -7,18 +7,29 @@ then the network is trained on the new data, usually for far fewer steps than fr
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from reslab.models import DenseConfig, ResNetConfig, build_model, get_config
-from reslab.transfer.freeze import gradual_schedule, param_groups, unfreeze_schedule
+from reslab.transfer.freeze import (
+    NONE,
+    check_freeze_point,
+    gradual_schedule,
+    param_groups,
+    unfreeze_schedule,
+)
 from reslab.transfer.load import LoadReport, load_pretrained
 from reslab.transfer.weights import read_weights
 
-__all__ = ["FinetuneOptions", "finetune", "pretrained_model"]
+__all__ = ["FinetuneOptions", "finetune", "pretrained_model", "resume_finetune"]
+
+NEW_MODULES = ("fc",)  # trained at the full learning rate: the (replaced) classifier
 
 
 @dataclass(frozen=True)
@@ -29,6 +40,13 @@ class FinetuneOptions:
     unfreeze_every: int | None = None  # steps between unfreezing one more part, deepest first
     pretrained_lr_scale: float = 0.1  # learning rate of pretrained layers relative to the head
     sha256: str | None = None  # expected SHA-256 of the weight file
+
+    def __post_init__(self) -> None:
+        # checked here, before data is loaded or a run folder written
+        if self.unfreeze_every is not None and self.unfreeze_every < 1:
+            raise ValueError(f"unfreeze_every must be >= 1 step, got {self.unfreeze_every}")
+        if not self.pretrained_lr_scale >= 0:  # also NaN; 0 keeps the pretrained layers fixed
+            raise ValueError(f"pretrained_lr_scale must be >= 0, got {self.pretrained_lr_scale}")
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -41,24 +59,32 @@ def pretrained_model(
     in_channels: int,
     model: str | None = None,
     sha256: str | None = None,
+    image_size: int | tuple[int, int] | None = None,
 ) -> tuple[nn.Module, LoadReport]:
     """A network with ``num_classes`` outputs and ``in_channels`` inputs initialised from ``path``.
 
     A reslab checkpoint carries its architecture; torchvision/timm files need ``model`` (a
     registered name such as ``"resnet50"`` or ``"preact_resnet50"``). Their bottlenecks stride
     the 3x3 convolution, so bottleneck models are then built with ``stride_in="3x3"``.
+    Dense networks take flattened images: ``image_size`` (side, or (H, W)) then checks that the
+    file's input layer fits ``in_channels`` x H x W features (a dense first layer is not adapted).
     """
     weights = read_weights(path, sha256=sha256)
     new = {"num_classes": num_classes, "in_channels": in_channels}
     if model is not None:
         config = get_config(model)
-        if weights.format != "reslab" and getattr(config, "block", None) == "bottleneck":
-            new["stride_in"] = "3x3"
-        config = get_config(model, **new)
+        if isinstance(config, DenseConfig):
+            config = _dense_config(config, path, in_channels, image_size, num_classes, False)
+        else:
+            if weights.format != "reslab" and getattr(config, "block", None) == "bottleneck":
+                new["stride_in"] = "3x3"
+            config = get_config(model, **new)
     elif weights.format == "reslab":
-        kind = weights.meta.get("model_kind", "resnet")
-        cls = DenseConfig if kind == "dense" else ResNetConfig
-        config = cls.from_dict({**weights.meta["model_config"], **new})
+        if weights.meta.get("model_kind", "resnet") == "dense":
+            config = DenseConfig.from_dict(weights.meta["model_config"])
+            config = _dense_config(config, path, in_channels, image_size, num_classes, True)
+        else:
+            config = ResNetConfig.from_dict({**weights.meta["model_config"], **new})
     else:
         raise ValueError(
             f"{path} is a {weights.format} state dict without an architecture: name the "
@@ -66,6 +92,28 @@ def pretrained_model(
         )
     net = build_model(config)
     return net, load_pretrained(net, path, sha256=sha256)
+
+
+def _dense_config(
+    config: DenseConfig,
+    path: str | Path,
+    in_channels: int,
+    image_size: int | tuple[int, int] | None,
+    num_classes: int,
+    from_file: bool,
+) -> DenseConfig:
+    """``config`` with the new classifier, its input sized to the images when that is known."""
+    widths = config.widths
+    if image_size is not None:
+        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+        features = in_channels * h * w
+        if features != widths[0] and from_file:
+            raise ValueError(
+                f"{path} is a dense network on {widths[0]} input features, but the images give "
+                f"{in_channels}x{h}x{w} = {features}; a dense input layer cannot be adapted"
+            )
+        widths = (features, *widths[1:])  # a registered name: sized to the data, like train
+    return dataclasses.replace(config, widths=widths, num_classes=num_classes)
 
 
 def finetune(
@@ -83,21 +131,25 @@ def finetune(
     trainer config ``cfg``; returns ``reslab.train.fit``'s ``FitResult``. ``out_dir`` becomes the
     same run folder ``reslab train`` writes, with the load report (and ``run_info``) in its
     config.json."""
-    from reslab.train import fit  # the trainer is heavy; the loaders above do not need it
-
+    torch.manual_seed(cfg.seed)  # the new head's initial weights, as `reslab train` seeds its own
     net, report = pretrained_model(
         path,
         num_classes=splits.num_classes,
         in_channels=splits.in_channels,
         model=model,
         sha256=options.sha256,
+        image_size=(int(splits.train.images.shape[-2]), int(splits.train.images.shape[-1])),
     )
+    # before fit writes config.json: a bad part must not leave a run folder behind
+    if getattr(net, "stage_names", None) is None and options.freeze_until != NONE:
+        raise ValueError(
+            f"{path} holds a {type(net).__name__}, which has no stages to freeze: fine-tune it "
+            "whole (--freeze-until none)"
+        )
+    check_freeze_point(net, options.freeze_until)
     schedule = {0: options.freeze_until}
     if options.unfreeze_every:
         schedule = gradual_schedule(net, options.freeze_until, options.unfreeze_every)
-    groups = param_groups(
-        net, pretrained_lr_scale=options.pretrained_lr_scale, decay_all=cfg.decay_all
-    )
     info = {
         **(run_info or {}),
         "finetune": {
@@ -106,11 +158,65 @@ def finetune(
             "source_format": report.format,
             "source_classes": report.meta.get("classes"),
             "unfreeze_schedule": {str(k): v for k, v in schedule.items()},
+            "new_modules": list(NEW_MODULES),
             "load_report": str(report),
         },
     }
     if verbose or (verbose is None and out_dir is not None):
         print(report, flush=True)
+    return _fit(net, splits, cfg, out_dir, info, resume=False, verbose=verbose)
+
+
+def resume_finetune(
+    run_dir: str | Path,
+    splits: Any,
+    cfg: Any,
+    *,
+    run_info: dict[str, Any] | None = None,
+    verbose: bool | None = None,
+) -> Any:
+    """Continue the fine-tuning run in ``run_dir`` from its latest checkpoint, bit-exactly.
+
+    The parameter groups (learning-rate scales) and the freeze schedule are rebuilt from
+    ``run_dir/config.json``; ``splits`` must be the run's data (same classes, train fraction,
+    validation split and seed) and ``cfg`` its trainer config. Returns ``fit``'s ``FitResult``.
+    """
+    from reslab.train.checkpoint import LATEST, load_model
+
+    run_dir = Path(run_dir)
+    saved = json.loads((run_dir / "config.json").read_text())
+    if "finetune" not in saved:
+        raise ValueError(
+            f"{run_dir} is not a fine-tuning run: continue it with "
+            f"`reslab train --resume {run_dir}`"
+        )
+    net = load_model(run_dir / LATEST)  # the architecture; fit restores weights and optimiser
+    info = {**(run_info or {}), "finetune": saved["finetune"]}
+    return _fit(net, splits, cfg, run_dir, info, resume=True, verbose=verbose)
+
+
+def _fit(
+    net: nn.Module,
+    splits: Any,
+    cfg: Any,
+    out_dir: Path | None,
+    info: dict[str, Any],
+    *,
+    resume: bool,
+    verbose: bool | None,
+) -> Any:
+    """``fit`` with the parameter groups and freeze schedule that ``info["finetune"]`` records,
+    so a resumed run rebuilds exactly the optimiser and schedule of the first."""
+    from reslab.train import fit  # the trainer is heavy; the loaders above do not need it
+
+    ft = info["finetune"]
+    schedule = {int(k): v for k, v in ft["unfreeze_schedule"].items()}
+    groups = param_groups(
+        net,
+        pretrained_lr_scale=ft["pretrained_lr_scale"],
+        new=tuple(ft.get("new_modules", NEW_MODULES)),  # runs from before it was recorded
+        decay_all=cfg.decay_all,
+    )
     return fit(
         net,
         splits,
@@ -118,6 +224,7 @@ def finetune(
         out_dir,
         param_groups=groups,
         on_step=unfreeze_schedule(schedule),
+        resume=resume,
         run_info=info,
         verbose=verbose,
     )

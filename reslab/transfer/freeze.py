@@ -16,6 +16,7 @@ from typing import Any
 from torch import Tensor, nn
 
 __all__ = [
+    "check_freeze_point",
     "freezable_parts",
     "freeze_point_at",
     "freeze_until",
@@ -52,14 +53,27 @@ def _keep_frozen_bn_in_eval(bn: nn.modules.batchnorm._BatchNorm) -> None:
     bn.train(False)
 
 
+def check_freeze_point(model: nn.Module, until: str) -> list[str]:
+    """The valid freeze points of ``model`` in order ("none", "stem", "layer1", ...); a
+    ``ValueError`` if ``until`` is not one of them. A model without stages (a dense net) has
+    only "none": it trains whole."""
+    if until == NONE and getattr(model, "stage_names", None) is None:
+        return [NONE]
+    order = [NONE, *list(freezable_parts(model))[:-1]]  # the head is what we train: never frozen
+    if until not in order:
+        raise ValueError(f"unknown part {until!r}; valid choices: {', '.join(order)}")
+    return order
+
+
 def freeze_until(model: nn.Module, until: str) -> list[str]:
     """Freeze every part up to and including ``until`` ("none", "stem", "layer1", ...); unfreeze
     the later ones. Returns the names of the frozen parts. Calling it again with an earlier part
     unfreezes the parts in between, which is how the schedules below work."""
+    order = check_freeze_point(model, until)
+    if order == [NONE]:  # nothing can be frozen: every parameter trains
+        model.requires_grad_(True)
+        return []
     parts = freezable_parts(model)
-    order = [NONE, *list(parts)[:-1]]  # the head is what we train: never frozen
-    if until not in order:
-        raise ValueError(f"unknown part {until!r}; valid choices: {', '.join(order)}")
     frozen = order[1 : order.index(until) + 1]
     for name, modules in parts.items():
         trainable = name not in frozen
@@ -79,9 +93,7 @@ def gradual_schedule(model: nn.Module, until: str, every: int) -> dict[int, str]
     "gradual unfreezing"): ``{0: "layer3", every: "layer2", ..., k*every: "none"}``."""
     if every < 1:
         raise ValueError(f"every must be >= 1, got {every}")
-    order = [NONE, *list(freezable_parts(model))[:-1]]
-    if until not in order:
-        raise ValueError(f"unknown part {until!r}; valid choices: {', '.join(order)}")
+    order = check_freeze_point(model, until)
     points = order[: order.index(until) + 1][::-1]
     return {i * every: point for i, point in enumerate(points)}
 

@@ -111,6 +111,10 @@ def _replace_head(
     source: dict[str, Tensor], target: dict[str, Tensor], fresh: set[str]
 ) -> list[str]:
     w, t = source.get(HEAD[0]), target.get(HEAD[0])
+    if t is not None and not any(k.startswith("fc.") for k in source):
+        # a headless backbone (timm num_classes=0, a feature extractor): nothing to copy
+        fresh.update(k for k in HEAD if k in target)
+        return [f"fc: file has no classifier; new {t.shape[0]}-class head, freshly initialised"]
     if w is None or t is None or w.shape[0] == t.shape[0] or w.shape[1:] != t.shape[1:]:
         return []
     for key in HEAD:
@@ -130,9 +134,10 @@ def load_pretrained(
 
     The first convolution is adapted when the model's input channels differ from the file's
     (:func:`adapt_input_conv`); the classifier keeps the model's fresh initialisation when the
-    number of classes differs. Any other missing, unexpected or shape-mismatched key raises a
-    ``ValueError`` carrying the report (nothing is loaded) unless ``strict=False``, in which case
-    the matching tensors are loaded and the report lists the rest.
+    number of classes differs or the file has none (a headless backbone). Any other missing,
+    unexpected or shape-mismatched key raises a ``ValueError`` carrying the report (nothing is
+    loaded) unless ``strict=False``, in which case the matching tensors are loaded and the
+    report lists the rest.
     """
     weights = read_weights(path, sha256=sha256)
     source = to_reslab_names(weights)

@@ -69,26 +69,58 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{"
 
 
+# What the weights-only unpickler says when a pickle asks for code: a global (class, function),
+# a call or an object build. Its other errors ("Unsupported operand", ...) mean a damaged file.
+_UNSAFE = re.compile(r"GLOBAL|unrecognized function|Can only (create new object|build)")
+
+
+def _unreadable(path: Path, exc: BaseException) -> ValueError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return ValueError(
+        f"corrupt or unreadable weight file {path}: {type(exc).__name__}"
+        + (f": {first}" if first else "")
+    )
+
+
 def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if not _UNSAFE.search(str(exc)):  # garbage, not a request for code
+            inner = exc.__context__  # torch re-raises the unpickler's error with a long preface
+            raise _unreadable(path, inner if inner is not None else exc) from None
         raise UnsafeWeightsError(
             f"refusing to load {path}: it is a pickle that needs more than tensors, numbers, "
             "strings and containers to unpickle, and arbitrary unpickling can run code. Only "
             "safetensors files and torch.load(weights_only=True)-loadable files are accepted; "
             "if you trust the file, re-save its state dict with "
             "torch.save(model.state_dict(), ...) or safetensors. "
-            f"(torch said: {str(exc).splitlines()[0]})"
+            f"(torch said: {str(exc.__context__ or exc).strip().splitlines()[0]})"
         ) from None
+    except Exception as exc:  # truncated zip (RuntimeError), empty file (EOFError), text, ...
+        raise _unreadable(path, exc) from exc
+
+
+def _safetensors_load(path: Path) -> Any:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # SafetensorError: a truncated file, a pickle named .safetensors
+        error = _unreadable(path, exc)
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head in (b"PK", b"\x80\x02"):  # torch.save's zip, or a legacy pickle
+            error = ValueError(f"{error} (it looks like a torch.save file: name it .pth)")
+        raise error from exc
 
 
 def _strip_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
     out = {}
     for key, value in state.items():
-        for prefix in _PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
+        # repeatedly: torch.compile(DDP(model)) saves "_orig_mod.module.x"
+        while key.startswith(_PREFIXES):
+            key = key[len(next(p for p in _PREFIXES if key.startswith(p))) :]
         out[key] = value
     return out
 
@@ -124,17 +156,14 @@ def read_weights(path: str | Path, *, sha256: str | None = None) -> Weights:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no weight file at {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"corrupt or unreadable weight file {path}: the file is empty")
     digest = None
     if sha256 is not None:
         digest = file_sha256(path)
         if digest != sha256.lower():
             raise ValueError(f"sha256 mismatch for {path}: expected {sha256}, file has {digest}")
-    if _is_safetensors(path):
-        from safetensors.torch import load_file
-
-        obj: Any = load_file(str(path), device="cpu")
-    else:
-        obj = _torch_load(path)
+    obj = _safetensors_load(path) if _is_safetensors(path) else _torch_load(path)
     state, meta = _unwrap(obj, path)
     state = _strip_prefixes(state)
     return Weights(state, detect_format(state, meta), path, digest, meta)
