@@ -478,6 +478,12 @@ def test_ddp_comparison_tells_per_rank_batchnorm_apart(digits, tmp_path: Path) -
     assert not all(close)
 
 
+def test_torchrun_refuses_one_fixed_gpu_for_every_rank(digits, monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")  # checked before any process group or CUDA call
+    with pytest.raises(ValueError, match="pass --device cuda, and each rank"):
+        fit(_model(), digits, _cfg(device="cuda:1"))
+
+
 def _sync_bn_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch.distributed as dist

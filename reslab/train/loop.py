@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import threading
 import time
@@ -220,6 +221,12 @@ def fit(
     out_dir = Path(out_dir) if out_dir is not None else None
     verbose = out_dir is not None if verbose is None else verbose
     use_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.device.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # every rank would take that one GPU (NCCL refuses two ranks on one device)
+        raise ValueError(
+            f"--device {cfg.device} under torchrun: pass --device cuda, and each rank takes the "
+            "GPU of its LOCAL_RANK (choose the GPUs with CUDA_VISIBLE_DEVICES)"
+        )
     dinfo = setup_distributed(use_cuda)
     if cfg.batch_size % dinfo.world_size:
         raise ValueError(
