@@ -362,3 +362,31 @@ def test_normalize_pixel_and_channel() -> None:
     assert y.mean((0, 2, 3)).abs().max() < 1e-5 and (y.std((0, 2, 3)) - 1).abs().max() < 1e-3
     again = Normalize.from_dict(channel.to_dict())
     assert torch.equal(again(x), y)
+
+
+def test_cifar_folder_with_two_copies_of_a_batch_is_refused(
+    cifar_dir: Path, tmp_path: Path
+) -> None:
+    """A backup copy in a subfolder replaced the batch silently (files were keyed by name)."""
+    backup = cifar_dir / "old"
+    backup.mkdir()
+    (backup / "data_batch_2").write_bytes((cifar_dir / "data_batch_1").read_bytes())
+    with pytest.raises(ValueError, match="two files named data_batch_2"):
+        load_data(str(cifar_dir), cache_dir=tmp_path)
+
+
+def test_images_below_a_class_folder_are_an_error_not_dropped(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+
+    def imgs(n: int = 2) -> list[np.ndarray]:
+        return [rng.integers(0, 256, (4, 4, 3), dtype=np.uint8) for _ in range(n)]
+
+    root = tmp_path / "nested"
+    _image_tree(root, {"train": {"a": imgs(), "b": imgs()}, "test": {"a": imgs()}})
+    (root / "train" / "a" / "more").mkdir()
+    (root / "train" / "a" / "more" / "x.png").write_bytes(_png(imgs(1)[0]))
+    with pytest.raises(ValueError, match=r"1 image\(s\) sit below a class folder.*train/a/more"):
+        load_data(str(root), cache_dir=tmp_path / "cache")
+    wrap = tmp_path / "wrap"  # a top folder named like a split is no nesting: test/train/a/0.png
+    _image_tree(wrap / "test", {"train": {"a": imgs()}, "test": {"a": imgs()}})
+    assert len(load_data(str(wrap), cache_dir=tmp_path / "cache", val_size=0).train) == 2

@@ -15,8 +15,9 @@ from reslab.data.sources import RawData
 __all__ = ["cache_path", "default_cache_dir", "load_cached", "save_cached"]
 
 # bump when a reader's output changes; 2: the readers now refuse damaged or incomplete sources
-# that version 1 decoded and cached (a cache hit would keep serving them)
-CACHE_VERSION = 2
+# that version 1 decoded and cached (a cache hit would keep serving them); 3: also duplicate
+# CIFAR batch files and images nested below a class folder
+CACHE_VERSION = 3
 
 
 def default_cache_dir() -> Path:

@@ -101,13 +101,22 @@ def _unpickle(data: bytes, where: str) -> dict:
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
 
 
+# the official python versions' files (CIFAR-10, then CIFAR-100)
+_CIFAR_FILES = {
+    *(f"data_batch_{i}" for i in range(1, 6)),
+    *("test_batch", "batches.meta", "train", "test", "meta"),
+}
+
+
 def _cifar_members(path: Path) -> dict[str, tuple[str, bytes]]:
     """{file name: (where, bytes)} of every regular file in a CIFAR folder, .tar.gz or .tar."""
     out: dict[str, tuple[str, bytes]] = {}
     if path.is_dir():
         for f in sorted(path.rglob("*")):
             if f.is_file():
-                out[f.name] = (str(f), f.read_bytes())
+                if f.name in out and f.name in _CIFAR_FILES:  # a backup copy: which is meant?
+                    raise ValueError(f"{path}: two files named {f.name}: {out[f.name][0]} and {f}")
+                out.setdefault(f.name, (str(f), f.read_bytes()))
         return out
     try:
         blob = path.read_bytes()
@@ -223,12 +232,21 @@ def _split_layout(
 ) -> dict[str, dict[str, list[PurePosixPath]]]:
     """{"train"|"test": {class: [files]}} from ``[top/]train/<class>/<file>`` paths."""
     layout: dict[str, dict[str, list[PurePosixPath]]] = {"train": {}, "test": {}}
+    nested = []  # split/class/.../file: not read, so not silently dropped either
     for f in files:
         parts = f.parts
         for i, p in enumerate(parts[:-2]):
             if p in layout and len(parts) - i == 3:  # split/class/file
                 layout[p].setdefault(parts[i + 1], []).append(f)
                 break
+        else:
+            if any(p in layout for p in parts[:-3]):
+                nested.append(f)
+    if nested:
+        raise ValueError(
+            f"{root}: {len(nested)} image(s) sit below a class folder, e.g. {nested[0]}; images "
+            "must be directly in [top/]train/<class>/ and [top/]test/<class>/"
+        )
     for split in ("train", "test"):
         if not layout[split]:
             raise ValueError(
