@@ -327,6 +327,13 @@ def test_resume_refuses_another_batch_size(digits, tmp_path: Path) -> None:
         fit(_model(), digits, _cfg(iters=20, batch_size=32), tmp_path, resume=True)
 
 
+def test_resume_refuses_a_shorter_run_and_another_seed(digits, tmp_path: Path) -> None:
+    fit(_model(), digits, _cfg(iters=20), tmp_path)
+    with pytest.raises(ValueError, match="at step 20 into a run of 10 steps"):
+        fit(_model(), digits, _cfg(iters=10), tmp_path, resume=True)
+    assert main(["train", "--resume", str(tmp_path), "--seed", "3"]) == 2
+
+
 def test_resume_records_the_data_it_reads(tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert main(["train", "--iters", "2", "--out", str(run)]) == 0

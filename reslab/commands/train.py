@@ -155,6 +155,8 @@ def resume_config(args: argparse.Namespace, run_dir: Path) -> tuple[dict[str, An
     config_file = run_dir / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"not a run folder (no config.json): {run_dir}")
+    if getattr(args, "seed", None) is not None:  # the checkpoint's RNG states decide, not a seed
+        raise ValueError("--seed cannot be changed on --resume: the run continues its RNG states")
     saved = json.loads(config_file.read_text())
     cfg = TrainConfig.from_dict({**saved["train_config"], **_overrides(args)})
     if args.epochs is not None:

@@ -264,6 +264,11 @@ def fit(
                 f"cannot resume {out_dir} with batch size {cfg.batch_size}: it was trained with "
                 f"{was}, and its position in the epoch is counted in those batches"
             )
+        if int(ckpt["step"]) > total:  # it would "finish" at once and report the wrong length
+            raise ValueError(
+                f"cannot resume {out_dir} at step {ckpt['step']} into a run of {total} steps: "
+                "ask for at least as many (--iters/--epochs)"
+            )
         _restore(ckpt, model, optimizer, scaler, run)
     elif out_dir is not None and any((out_dir / name).exists() for name in (LATEST, BEST)):
         # a fresh run would mix its checkpoints with the old run's (eval would pick the old
