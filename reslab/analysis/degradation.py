@@ -19,6 +19,7 @@ from reslab.analysis.training import (
     experiment_meta,
     light_summary,
     setup,
+    single_view_accuracy,
     train_net,
 )
 
@@ -50,6 +51,9 @@ def degradation_runs(
     for family in ("plain", "resnet"):
         for depth in depths:
             name = f"{family}-{depth}"
+            # each net's initialisation from the seed alone (not from whatever ran before), so
+            # twins at one depth start from the same convolution weights
+            torch.manual_seed(seed)
             model = cifar_net(
                 depth,
                 residual=family == "resnet",
@@ -62,7 +66,8 @@ def degradation_runs(
                 "family": family,
                 "depth": depth,
                 "final_train_error": train_error(run.model, splits),
-                "test_error": 1.0 - run.summary["test_accuracy"],
+                # single view, as the train error and the curves (eval_flip averages a mirror)
+                "test_error": 1.0 - single_view_accuracy(run.summary),
                 "seconds": round(run.seconds, 1),
                 "summary": light_summary(run.summary),
                 "history": run.history,

@@ -82,11 +82,13 @@ def gradient_profile(
     """Run one forward/backward pass and record every block's and weight layer's gradient norm.
 
     ``train_mode`` uses BatchNorm's batch statistics, as in the first training step. The model's
-    mode and any existing ``.grad`` are restored afterwards, and no hook stays on the model.
+    mode, its buffers (BatchNorm running statistics, which a train-mode pass would move) and any
+    existing ``.grad`` are restored afterwards, and no hook stays on the model.
     """
     blocks = find_blocks(model)
     weight_layers = find_weight_layers(model)
     was_training = model.training
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
     saved = {p: p.grad for p in model.parameters()}
     for p in saved:
         p.grad = None
@@ -121,6 +123,9 @@ def gradient_profile(
         return GradientProfile(block_rows, weights, float(loss.detach()))
     finally:
         model.train(was_training)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
         for p, g in saved.items():
             p.grad = g
 

@@ -23,6 +23,7 @@ __all__ = [
     "experiment_meta",
     "recipe",
     "setup",
+    "single_view_accuracy",
     "train_net",
 ]
 
@@ -106,6 +107,12 @@ def train_twin(family: str, depth: int, splits: Any, cfg: Any, *, seed: int = 0)
         num_classes=splits.num_classes,
     )
     return train_net(f"{family}-{depth}", model, splits, cfg, seed=seed)
+
+
+def single_view_accuracy(summary: dict[str, Any]) -> float:
+    """Test accuracy of one view per image, as the curves and train errors are measured (a
+    recipe with ``eval_flip`` makes ``test_accuracy`` the image + mirror average)."""
+    return summary.get("test_accuracy_single_view", summary["test_accuracy"])
 
 
 def light_summary(summary: dict[str, Any]) -> dict[str, Any]:

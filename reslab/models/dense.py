@@ -175,7 +175,8 @@ class DenseResNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def reset_classifier(self, num_classes: int) -> None:
-        w = self.fc.weight  # the new head lives where the old one did, in its dtype
+        w = next(self.parameters())  # the new head lives with the net, in its dtype (the old
+        # head may be an Identity: num_classes=0, no read-out layer)
         self.fc = nn.Linear(self.num_features, num_classes).to(device=w.device, dtype=w.dtype)
         self.config = dataclasses.replace(self.config, num_classes=num_classes)
 
