@@ -282,3 +282,62 @@ def test_a_failed_result_write_keeps_the_previous_result(tmp_path) -> None:
     for name in ("a.json", "b.json"):
         assert json.loads((tmp_path / name).read_text()) == {"old": "result"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]  # no temporaries
+
+
+# -- repeatability and bookkeeping -------------------------------------------------------------
+
+
+def test_training_experiments_repeat_whatever_ran_before() -> None:
+    """Every net's initialisation comes from the seed: the first net used to take torch's
+    unseeded default RNG, so plain-20 and 'original' changed from run to run."""
+    import dataclasses
+
+    from reslab.analysis.degradation import degradation_runs
+    from reslab.analysis.orderings import ordering_runs
+    from reslab.analysis.training import recipe
+    from reslab.data import load_data
+
+    splits = load_data("digits")
+    cfg = dataclasses.replace(recipe("digits", 3), eval_every=3)
+    quiet = {"log": lambda *a: None}
+    rows = []
+    for ambient in (1, 2):  # another RNG state before each call, as after other experiments
+        torch.manual_seed(ambient)
+        deg = degradation_runs(splits, cfg, depths=(8,), **quiet)
+        torch.manual_seed(ambient)
+        order = ordering_runs(splits, cfg, depth=8, orderings=("original",), **quiet)
+        rows.append([(r.get("final_train_error"), r["test_error"]) for r in deg + order])
+    assert rows[0] == rows[1]
+
+
+def test_training_experiments_report_single_view_test_error() -> None:
+    """With an eval_flip recipe the summary's accuracy averages a mirror; the tables must use
+    one view like their curves and train errors."""
+    import dataclasses
+
+    from reslab.analysis.orderings import ordering_runs
+    from reslab.analysis.training import recipe
+    from reslab.data import load_data
+
+    cfg = dataclasses.replace(recipe("digits", 4), eval_every=4, eval_flip=True, flip=True)
+    splits = load_data("digits")
+    (row,) = ordering_runs(splits, cfg, depth=8, orderings=("original",), log=lambda *a: None)
+    assert row["test_error"] == pytest.approx(100 * row["history"][-1]["test_error"])
+
+
+def test_gradient_profile_leaves_batchnorm_statistics_alone() -> None:
+    from reslab import create_model
+
+    model = create_model("cifar_resnet20").eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gradflow.gradient_profile(model, torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_dense_reset_classifier_without_a_read_out_layer() -> None:
+    from reslab.models.dense import seed_example
+
+    model = seed_example()  # num_classes=0: fc is the identity
+    model.reset_classifier(3)
+    assert model(torch.randn(2, 1)).shape == (2, 3)
