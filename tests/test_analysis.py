@@ -184,7 +184,7 @@ def test_residual_responses_smaller_than_plain(trained_twins) -> None:
     std = {}
     for k, m in nets.items():
         r = responses.branch_responses(m, m.input_norm(splits.test.images))
-        assert len(r["units"]) == 9 and len(r["layers"]) == 18
+        assert len(r["units"]) == 9 and len(r["layers"]) == 19  # the stem and 18 in units
         std[k] = sum(u["std"] for u in r["units"]) / len(r["units"])
     assert std["resnet"] < std["plain"]
 
@@ -341,3 +341,11 @@ def test_dense_reset_classifier_without_a_read_out_layer() -> None:
     model = seed_example()  # num_classes=0: fc is the identity
     model.reset_classifier(3)
     assert model(torch.randn(2, 1)).shape == (2, 3)
+
+
+def test_responses_count_every_3x3_layer_as_fig_7() -> None:
+    """The stem's 3x3 conv is one of Fig. 7's layers: 19 for a 20-layer net (18 in its units)."""
+    model = responses.cifar_net(20, residual=True, in_channels=1)
+    res = responses.branch_responses(model, torch.randn(8, 1, 8, 8))
+    assert len(res["layers"]) == 19 and res["layers"][0]["name"] == "stem.bn1"
+    assert len(res["units"]) == 9 and res["layers"][0] not in res["units"]

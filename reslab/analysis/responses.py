@@ -53,7 +53,8 @@ def _branch_bns(unit: nn.Module) -> list[str]:
 
 @torch.no_grad()
 def branch_responses(model: nn.Module, images: Tensor, *, batch_size: int = 256) -> dict[str, Any]:
-    """Std of every branch BN output (``layers``) and of each unit's last one (``units``).
+    """Std of every 3x3 layer's BN output (``layers``: the stem's, where it has a BN, then every
+    branch BN) and of each unit's last branch BN (``units``).
 
     ``images`` are already normalised network inputs; the model runs in eval mode (the BN running
     statistics, as at test time in the paper).
@@ -61,6 +62,11 @@ def branch_responses(model: nn.Module, images: Tensor, *, batch_size: int = 256)
     stats: dict[str, _RunningStd] = {}
     handles = []
     order: list[tuple[str, str, bool]] = []  # (key, unit name, is the branch's last layer)
+    stem_bn = getattr(model, "bn1", None)
+    if isinstance(stem_bn, nn.BatchNorm2d):  # Fig. 7 counts every 3x3 layer, the stem's too
+        stats["stem.bn1"] = _RunningStd()
+        order.append(("stem.bn1", "stem", False))
+        handles.append(stem_bn.register_forward_hook(lambda m, i, o: stats["stem.bn1"].add(o)))
     for name, unit in find_blocks(model):
         bns = _branch_bns(unit)
         last = unit.last_branch_layer() if hasattr(unit, "last_branch_layer") else None
