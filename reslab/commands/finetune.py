@@ -212,9 +212,9 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 def _refuse_a_used_folder(out: Path) -> None:
     """Before any data is loaded; fit refuses too, but its message names `reslab train`."""
-    from reslab.train.checkpoint import BEST, LATEST
+    from reslab.train.checkpoint import holds_run
 
-    if any((out / name).exists() for name in (LATEST, BEST)):
+    if holds_run(out):
         raise FileExistsError(
             f"run folder {out} already holds a run; continue it with "
             f"`reslab finetune --resume {out}`, or fine-tune into another --out folder"

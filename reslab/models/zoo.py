@@ -125,12 +125,12 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
 
     from reslab.transfer import load_pretrained, read_weights  # lazy: they import the zoo
 
-    foreign = read_weights(pretrained, sha256=sha256).format != "reslab"
+    weights = read_weights(pretrained, sha256=sha256)
     bottleneck = getattr(get_config(name), "block", None) == "bottleneck"
-    if foreign and bottleneck and "stride_in" not in overrides:
+    if weights.format != "reslab" and bottleneck and "stride_in" not in overrides:
         overrides["stride_in"] = "3x3"  # else the same weights compute another function
     model = build_model(get_config(name, **overrides))
-    report = load_pretrained(model, pretrained, sha256=sha256)
+    report = load_pretrained(model, weights)
     for note in report.notes:
         warnings.warn(f"{pretrained}: {note}", stacklevel=2)
     return model

@@ -16,6 +16,7 @@ __all__ = [
     "BEST",
     "LATEST",
     "find_checkpoint",
+    "holds_run",
     "load_checkpoint",
     "load_model",
     "model_record",
@@ -24,6 +25,11 @@ __all__ = [
 
 LATEST = "checkpoint_latest.pt"  # the newest state, for --resume
 BEST = "checkpoint_best.pt"  # the lowest validation error so far
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` already holds a run's checkpoints (a new run there must not start)."""
+    return any((Path(run_dir) / name).exists() for name in (LATEST, BEST))
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:

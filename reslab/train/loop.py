@@ -19,7 +19,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reslab.data import DataSplits, Normalize, Split, random_crop_flip
-from reslab.train.checkpoint import BEST, LATEST, load_checkpoint, model_record, save_checkpoint
+from reslab.train.checkpoint import (
+    BEST,
+    LATEST,
+    holds_run,
+    load_checkpoint,
+    model_record,
+    save_checkpoint,
+)
 from reslab.train.config import TrainConfig
 from reslab.train.distributed import convert_sync_batchnorm, setup_distributed
 from reslab.train.outputs import Progress, append_metrics, environment, plot_curves, write_json
@@ -270,7 +277,7 @@ def fit(
                 "ask for at least as many (--iters/--epochs)"
             )
         _restore(ckpt, model, optimizer, scaler, run)
-    elif out_dir is not None and any((out_dir / name).exists() for name in (LATEST, BEST)):
+    elif out_dir is not None and holds_run(out_dir):
         # a fresh run would mix its checkpoints with the old run's (eval would pick the old
         # best) and a later --resume could continue the wrong weights: refuse, lose nothing
         raise FileExistsError(

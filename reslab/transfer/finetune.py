@@ -91,7 +91,7 @@ def pretrained_model(
             "registered model it fits (e.g. --model resnet50, or preact_resnet50 for timm resnetv2)"
         )
     net = build_model(config)
-    return net, load_pretrained(net, path, sha256=sha256)
+    return net, load_pretrained(net, weights)  # the file read above, not a second time
 
 
 def _dense_config(

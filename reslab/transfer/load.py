@@ -125,12 +125,16 @@ def _replace_head(
 
 def load_pretrained(
     model: nn.Module,
-    path: str | Path,
+    path: str | Path | Weights,
     *,
     sha256: str | None = None,
     strict: bool = True,
 ) -> LoadReport:
     """Copy the weights in ``path`` into ``model``; return a report of what matched.
+
+    ``path`` may also be the :class:`Weights` that :func:`read_weights` already returned (read
+    and checked against ``sha256`` then), so a caller that looked at the file is not reading it
+    twice.
 
     The first convolution is adapted when the model's input channels differ from the file's
     (:func:`adapt_input_conv`); the classifier keeps the model's fresh initialisation when the
@@ -139,10 +143,10 @@ def load_pretrained(
     loaded) unless ``strict=False``, in which case the matching tensors are loaded and the
     report lists the rest.
     """
-    weights = read_weights(path, sha256=sha256)
+    weights = path if isinstance(path, Weights) else read_weights(path, sha256=sha256)
     source = to_reslab_names(weights)
     target = model.state_dict()
-    report = LoadReport(str(path), weights.format, meta=weights.meta)
+    report = LoadReport(str(weights.path), weights.format, meta=weights.meta)
     report.notes = _foreign_notes(model, weights)
 
     fresh: set[str] = set()  # keys that keep the model's own initialisation on purpose
