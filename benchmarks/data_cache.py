@@ -58,7 +58,7 @@ def main() -> None:
         "cache_bytes": cache_bytes,
         "target_reload_seconds": 1.0,
     }
-    write_result(args.out, result)
+    write_result(args.out, result, device="cpu")
 
 
 if __name__ == "__main__":

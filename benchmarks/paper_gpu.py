@@ -172,6 +172,7 @@ def main() -> None:
     write_result(
         args.json,
         {"argv": sys.argv[1:], "parallel": args.parallel, "models": table, "runs": runs},
+        device=args.device,  # the device of the runs it started
     )  # fmt: skip
 
 

@@ -130,7 +130,7 @@ def main() -> None:
         result |= {"model": args.model, "batch_size": args.batch_size, "threads": args.threads}
         for k, v in result.items():
             print(f"{k}: {v:.3g}" if isinstance(v, float) else f"{k}: {v}")
-        write_result(args.out.with_name("step_profile.json"), result)
+        write_result(args.out.with_name("step_profile.json"), result, device="cpu")
         return
     if args.one:
         cl, comp, side = args.one[0] == "1", args.one[1] == "1", int(args.one[2])
@@ -167,7 +167,7 @@ def main() -> None:
         "warmup_steps": args.warmup,
         "rows": rows,
     }
-    write_result(args.out, result)
+    write_result(args.out, result, device="cpu")
 
 
 if __name__ == "__main__":

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import write_result
 
 from reslab import create_model
 from reslab.data import load_data
-from reslab.train import TrainConfig, fit
+from reslab.train import TrainConfig, fit, resolve_device
 from reslab.transfer import FinetuneOptions, finetune
 
 SOURCE = ["airplane", "automobile", "bird", "cat", "deer"]
@@ -198,8 +199,7 @@ def main() -> None:
 
     results["options"] = opts.to_dict()
     results["wall_seconds"] = time.perf_counter() - t0
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"results{args.tag}.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_result(args.out / f"results{args.tag}.json", results, device=resolve_device(dcfg.device))
     args.figure.parent.mkdir(parents=True, exist_ok=True)
     plot(results, args.figure)
     for task in ("cifar5", "digits"):

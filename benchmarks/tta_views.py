@@ -77,7 +77,11 @@ def main() -> None:
     print(f"{'views':<32} {'zero pad':>9} {'reflect':>9}   (val accuracy, {len(val)} images)")
     for name, row in table.items():
         print(f"{name:<32} {100 * row['constant']:>8.2f}% {100 * row['reflect']:>8.2f}%")
-    write_result(args.json, {"run": str(args.run), "split": "val", "n": len(val), "views": table})
+    write_result(
+        args.json,
+        {"run": str(args.run), "split": "val", "n": len(val), "views": table},
+        device="cpu",
+    )
 
 
 if __name__ == "__main__":

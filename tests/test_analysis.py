@@ -250,13 +250,12 @@ def test_cli_gradflow_on_a_checkpoint(tmp_path) -> None:
 _FULL_DISK = """
 import json, resource, signal, sys
 from pathlib import Path
-from reslab.analysis.common import write_json as analysis_json
-from reslab.train.outputs import write_json as run_json
+from reslab.record import write_json
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail like a full disk
 out = Path(sys.argv[1])
 big = {"values": list(range(5000))}
-for name, write in (("a.json", lambda: analysis_json(out, "a.json", big)),
-                    ("b.json", lambda: run_json(out / "b.json", big))):
+for name, write in (("a.json", lambda: write_json(out / "a.json", big)),
+                    ("b.json", lambda: write_json(out / "b.json", big, indent=1))):
     (out / name).write_text(json.dumps({"old": "result"}))
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
     try:

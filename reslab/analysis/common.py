@@ -1,16 +1,12 @@
-"""What every experiment shares: run metadata, JSON and figure output, tables, input batches.
+"""What every experiment shares: figure output, tables, input batches.
 
-Every result file records the git revision, library versions and device (STYLE.md, point 9).
+Every result file records reslab's version and commit, library versions and device through
+:func:`reslab.record.run_record` and is written by :func:`reslab.record.write_json`.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import platform
-import subprocess
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,64 +22,12 @@ __all__ = [
     "input_shape",
     "load_splits",
     "new_figure",
-    "run_info",
     "sample_batch",
     "save_figure",
     "to_float",
-    "write_json",
 ]
 
 Batch = tuple[Tensor, Tensor]
-
-
-def run_info(**extra: Any) -> dict[str, Any]:
-    """Git revision, versions, device and time of this run, plus ``extra`` settings."""
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).resolve().parent,
-            check=False,
-        ).stdout.strip()
-    except OSError:
-        rev = ""
-    import torchvision
-
-    return {
-        "git_revision": rev or None,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "python": platform.python_version(),
-        "device": "cpu",
-        "cpu_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **extra,
-    }
-
-
-def _clean(obj: Any) -> Any:
-    """JSON has no inf/nan: write them as null (and keep every finite number)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, Tensor):
-        return _clean(obj.tolist())
-    return obj
-
-
-def write_json(out_dir: Path, name: str, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` to ``out_dir/name`` (non-finite numbers become ``null``)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / name
-    with atomic_path(path) as tmp:  # a failed write keeps the previous result
-        tmp.write_text(json.dumps(_clean(payload), indent=1) + "\n")
-    return path
 
 
 def to_float(x: Tensor | float) -> float:

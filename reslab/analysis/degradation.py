@@ -8,10 +8,12 @@ error increases" - an optimisation difficulty, not overfitting. Seed 003 puts it
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from reslab._progress import progress_bar, write_line
 from reslab.analysis.common import new_figure, save_figure
 from reslab.analysis.training import (
     TrainSpec,
@@ -44,10 +46,11 @@ def degradation_runs(
     *,
     depths: Sequence[int] = (20, 32, 44, 56),
     seed: int = 0,
-    log=print,
+    log=write_line,
 ) -> list[dict[str, Any]]:
     """Train the plain and residual twin at each depth with ``cfg``; one row per network."""
     rows = []
+    bar = progress_bar(total=2 * len(depths), desc="degradation", unit="net")
     for family in ("plain", "resnet"):
         for depth in depths:
             name = f"{family}-{depth}"
@@ -77,6 +80,8 @@ def degradation_runs(
                 f"  {name}: train err {100 * row['final_train_error']:.2f}%  "
                 f"test err {100 * row['test_error']:.2f}%  ({row['seconds']:.0f} s)"
             )
+            bar.update()
+    bar.close()
     return rows
 
 
@@ -123,7 +128,8 @@ def run(
     depths: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """``reslab analyze degradation``: Fig. 6 curves and a final table."""
-    from reslab.analysis.common import format_table, write_json
+    from reslab.analysis.common import format_table
+    from reslab.record import write_json
 
     spec = spec or TrainSpec()
     splits, cfg = setup(spec, quick=quick, quick_iters=200, full_iters=2000)
@@ -135,7 +141,7 @@ def run(
         "meta": experiment_meta("degradation", spec, splits, cfg, quick=quick),
         "runs": rows,
     }
-    path = write_json(out_dir, "degradation.json", payload)
+    path = write_json(Path(out_dir) / "degradation.json", payload)
     table = format_table(
         [
             {

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reslab._progress import progress_bar
 from reslab.analysis.common import sample_batch
 from reslab.analysis.gradflow_figures import plot_conv_sweep, plot_dense_sweep, plot_profiles
 from reslab.analysis.hooks import GradientRecorder, find_blocks, find_weight_layers
@@ -232,6 +233,7 @@ def dense_sweep(
     rows and the full per-layer profiles for the depths in ``keep_profiles``.
     """
     rows, profiles = [], {}
+    bar = progress_bar(total=len(conditions) * 2 * len(depths), desc="dense sweep", unit="net")
     for activation, gain in conditions:
         for residual in (False, True):
             for depth in depths:
@@ -257,6 +259,8 @@ def dense_sweep(
                 )
                 if depth in keep_profiles:
                     profiles[f"{kind}-{activation}-gain{gain:g}-L{depth}"] = prof.to_dict()
+                bar.update()
+    bar.close()
     return rows, profiles
 
 
@@ -276,8 +280,10 @@ def conv_sweep(
     very deep un-normalised nets overflow; those are capped at ``max_depth_without_norm``.
     """
     rows, profiles = [], {}
+    bar = progress_bar(total=len(conditions) * len(depths), desc="conv sweep", unit="net")
     for family, norm in conditions:
         for depth in depths:
+            bar.update()
             if not norm and depth > max_depth_without_norm:
                 continue
             torch.manual_seed(seed)
@@ -293,6 +299,7 @@ def conv_sweep(
                 key = f"{family}-{'bn' if norm else 'nonorm'}-{depth}"
                 profiles[key] = prof.to_dict()
             del model
+    bar.close()
     return rows, profiles
 
 
@@ -301,7 +308,7 @@ def profile_named_models(
 ) -> dict[str, dict[str, Any]]:
     """``gradient_profile`` of each named model on its natural input (see ``sample_batch``)."""
     out = {}
-    for name, model in models.items():
+    for name, model in progress_bar(models.items(), desc="gradflow", unit="net"):
         x, y, source = sample_batch(model, batch_size, data=data, seed=seed)
         torch.manual_seed(seed)
         prof = gradient_profile(model, x, y)
@@ -369,11 +376,13 @@ def run(
     """``reslab analyze gradflow``: named models (or checkpoints) if given, else the sweeps."""
     from pathlib import Path
 
-    from reslab.analysis.common import format_table, run_info, write_json
+    from reslab.analysis.common import format_table
     from reslab.models import create_model
+    from reslab.record import run_record, write_json
 
     payload: dict[str, Any] = {
-        "meta": run_info(experiment="gradflow", quick=quick, data=data, seed=seed)
+        # every network and batch here is built and measured on the CPU
+        "meta": run_record("cpu", experiment="gradflow", quick=quick, data=data, seed=seed)
     }
     figures = []
     if models:
@@ -456,5 +465,5 @@ def run(
             for r in sweeps["conv"]["rows"]
         ]
         table = format_table(rows, ["net", "L", "first/last dW", "dx_1/dx_L"])
-    path = write_json(out_dir, "gradflow.json", payload)
+    path = write_json(Path(out_dir) / "gradflow.json", payload)
     return {"json": path, "figures": figures, "table": table, "data": payload}

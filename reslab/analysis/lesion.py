@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
+from reslab._progress import progress_bar
 from reslab.analysis.common import new_figure, save_figure
 from reslab.analysis.hooks import find_blocks
 from reslab.analysis.training import (
@@ -77,7 +79,8 @@ def lesion_study(model: nn.Module, split: Any, *, evaluate_fn=None) -> dict[str,
 
     base = evaluate_fn(model)
     rows = []
-    for i, (name, unit) in enumerate(find_blocks(model)):
+    units = progress_bar(find_blocks(model), desc="lesion", unit="unit", leave=False)
+    for i, (name, unit) in enumerate(units):
         row: dict[str, Any] = {
             "index": i + 1,
             "unit": name,
@@ -136,12 +139,13 @@ def run(
 ) -> dict[str, Any]:
     """``reslab analyze lesion``: train a ResNet and its plain twin, delete each unit in turn."""
 
-    from reslab.analysis.common import format_table, write_json
+    from reslab.analysis.common import format_table
+    from reslab.record import write_json
 
     spec = spec or TrainSpec()
     splits, cfg = setup(spec, quick=quick, quick_iters=300, full_iters=2000)
     results, summaries = {}, {}
-    for family in ("resnet", "plain"):
+    for family in progress_bar(("resnet", "plain"), desc="lesion", unit="net"):
         label = f"{family}-{depth}"
         trained = train_twin(family, depth, splits, cfg, seed=spec.seed)
         summaries[label] = light_summary(trained.summary)
@@ -152,6 +156,6 @@ def run(
         "results": results,
         "training": summaries,
     }
-    path = write_json(out_dir, "lesion.json", payload)
+    path = write_json(Path(out_dir) / "lesion.json", payload)
     table = format_table(list(lesion_rows(results)), ["net", "intact_acc", "mean_drop", "max_drop"])
     return {"json": path, "figures": figures, "table": table, "data": payload}

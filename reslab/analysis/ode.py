@@ -12,11 +12,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from reslab._progress import progress_bar
 from reslab.analysis.common import new_figure, sample_batch, save_figure
 from reslab.analysis.gradflow import dense_model, gradient_profile
 from reslab.models import DenseConfig, build_model
@@ -109,7 +111,7 @@ def euler_convergence(
     ref = rk4_reference(weights, y0, T=T, activation=activation)
     outs = {}
     with torch.no_grad():
-        for L in depths:
+        for L in progress_bar(depths, desc="euler", unit="net", leave=False):
             outs[L] = euler_net(weights, L, T=T, activation=activation)(y0)
     rows = []
     for L in depths:
@@ -133,6 +135,7 @@ def tau_gradient_sweep(
 ) -> list[dict[str, Any]]:
     """Gradient ratios of a ``depth``-layer dense residual net as ``tau`` varies (at init)."""
     rows = []
+    taus_bar = progress_bar(total=len(activations) * len(taus), desc="tau sweep", unit="net")
     for act in activations:
         for tau in taus:
             torch.manual_seed(seed)
@@ -153,6 +156,8 @@ def tau_gradient_sweep(
                     "output_std": prof.blocks[-1]["output_std"],
                 }
             )
+            taus_bar.update()
+    taus_bar.close()
     return rows
 
 
@@ -185,7 +190,8 @@ def learnable_vs_fixed_tau(
     # Third arm: fixed tau again, but with the total time the learnable net ended with, to tell
     # per-layer adaptivity apart from a longer integration time T.
     arms = [("fixed", "fixed", T / depth), ("learnable", "learnable", T / depth)]
-    for key, mode, tau in [*arms, ("fixed_matched_T", "fixed", None)]:
+    every = [*arms, ("fixed_matched_T", "fixed", None)]
+    for key, mode, tau in progress_bar(every, desc="learnable tau", unit="net"):
         if tau is None:
             tau = max(sum(out["learnable"]["taus"]), 1e-3) / depth
         torch.manual_seed(seed)
@@ -280,7 +286,8 @@ def run(
     iters: int | None = None,
 ) -> dict[str, Any]:
     """``reslab analyze ode``: Euler convergence, tau vs gradients, learnable vs fixed tau."""
-    from reslab.analysis.common import format_table, load_splits, run_info, write_json
+    from reslab.analysis.common import format_table, load_splits
+    from reslab.record import run_record, write_json
 
     depths = (
         (2, 4, 8, 16, 32, 64, 128, 256) if quick else (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -293,13 +300,13 @@ def run(
     splits = load_splits(data, seed=seed)
     learned = learnable_vs_fixed_tau(splits, iters=iters or (300 if quick else 1500), seed=seed)
     figures.append(plot_learned_tau(learned, out_dir))
-    payload = {
-        "meta": run_info(experiment="ode", quick=quick, data=data, seed=seed),
+    payload = {  # device: the training arms' ("auto"); the sweeps run in float64 on the CPU
+        "meta": run_record("auto", experiment="ode", quick=quick, data=data, seed=seed),
         "euler": euler,
         "tau_gradients": tau_rows,
         "learnable_vs_fixed": learned,
     }
-    path = write_json(out_dir, "ode.json", payload)
+    path = write_json(Path(out_dir) / "ode.json", payload)
     rows = [
         {
             "part": "euler",

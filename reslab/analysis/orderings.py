@@ -8,10 +8,12 @@ shortcut path.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from reslab._progress import progress_bar, write_line
 from reslab.analysis.common import new_figure, save_figure
 from reslab.analysis.training import (
     TrainSpec,
@@ -44,10 +46,10 @@ def ordering_runs(
     depth: int = 20,
     orderings: Sequence[str] = tuple(ORDERINGS),
     seed: int = 0,
-    log=print,
+    log=write_line,
 ) -> list[dict[str, Any]]:
     rows = []
-    for ordering in orderings:
+    for ordering in progress_bar(orderings, desc="orderings", unit="net"):
         torch.manual_seed(seed)  # the initialisation from the seed alone, not from the last run
         model = cifar_net(
             depth, ordering=ordering, in_channels=splits.in_channels, num_classes=splits.num_classes
@@ -105,7 +107,8 @@ def run(
     depth: int | None = None,
 ) -> dict[str, Any]:
     """``reslab analyze orderings``: the five orderings, one recipe, table next to Table 2."""
-    from reslab.analysis.common import format_table, write_json
+    from reslab.analysis.common import format_table
+    from reslab.record import write_json
 
     spec = spec or TrainSpec()
     splits, cfg = setup(spec, quick=quick, quick_iters=200, full_iters=2000)
@@ -117,7 +120,7 @@ def run(
         "meta": experiment_meta("orderings", spec, splits, cfg, quick=quick),
         "runs": rows,
     }
-    path = write_json(out_dir, "orderings.json", payload)
+    path = write_json(Path(out_dir) / "orderings.json", payload)
     table = format_table(
         [
             {

@@ -9,11 +9,13 @@ non-residual ones; deeper ResNets have smaller responses still.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from reslab._progress import progress_bar
 from reslab.analysis.common import new_figure, save_figure
 from reslab.analysis.hooks import find_blocks
 from reslab.analysis.training import (
@@ -135,12 +137,14 @@ def run(
     depths: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """``reslab analyze responses``: train plain/residual twins, then Fig. 7 on the test set."""
-    from reslab.analysis.common import format_table, write_json
+    from reslab.analysis.common import format_table
+    from reslab.record import write_json
 
     spec = spec or TrainSpec()
     splits, cfg = setup(spec, quick=quick, quick_iters=300, full_iters=2000)
     depths = tuple(depths or ((20,) if quick else (20, 56)))
     results, init, summaries = {}, {}, {}
+    bar = progress_bar(total=2 * len(depths), desc="responses", unit="net")
     for depth in depths:
         for family in ("plain", "resnet"):
             label = f"{family}-{depth}"
@@ -156,6 +160,8 @@ def run(
                 num_classes=splits.num_classes,
             )
             init[label] = branch_responses(fresh, x)
+            bar.update()
+    bar.close()
     figures = [plot_responses(results, out_dir)]
     payload = {
         "meta": experiment_meta("responses", spec, splits, cfg, quick=quick),
@@ -164,7 +170,7 @@ def run(
         "training": summaries,
         "summary": summarize(results),
     }
-    path = write_json(out_dir, "responses.json", payload)
+    path = write_json(Path(out_dir) / "responses.json", payload)
     rows = [{**r, "test_acc": summaries[r["net"]]["test_accuracy"]} for r in summarize(results)]
     table = format_table(
         rows, ["net", "test_acc", "mean_std_all", "mean_std_branch_end", "max_std"]

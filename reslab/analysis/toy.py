@@ -15,6 +15,7 @@ vanishing product of the plain net and the product of ``1 + ...`` factors of the
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -150,16 +151,14 @@ def plot_chain(rows: Sequence[dict[str, Any]], out_dir, name: str = "toy_chain.p
 
 def run(out_dir, *, quick: bool = False, activation: str = "sigmoid") -> dict[str, Any]:
     """The toy experiment: JSON, one figure, and a table of autograd vs formula."""
-    from reslab.analysis.common import format_table, run_info, write_json
+    from reslab.analysis.common import format_table
+    from reslab.record import run_record, write_json
 
     toy = seed_toy(activation=activation)
     chain = chain_gradients((1, 2, 3, 5, 10, 20, 30, 50), activation=activation)
     fig = plot_chain(chain, out_dir)
-    path = write_json(
-        out_dir,
-        "toy.json",
-        {"meta": run_info(experiment="toy", quick=quick), "seed_toy": toy, "chain": chain},
-    )
+    meta = run_record("cpu", experiment="toy", quick=quick)  # float64 on the CPU
+    path = write_json(Path(out_dir) / "toy.json", {"meta": meta, "seed_toy": toy, "chain": chain})
     rows = []
     for kind in ("plain", "residual"):
         for i in range(3):

@@ -169,10 +169,13 @@ def setup(spec: TrainSpec, *, quick: bool, quick_iters: int, full_iters: int) ->
 def experiment_meta(
     experiment: str, spec: TrainSpec, splits: Any, cfg: Any, *, quick: bool, **extra: Any
 ) -> dict[str, Any]:
-    """``run_info`` plus the data sizes and the full training config."""
-    from reslab.analysis.common import run_info
+    """:func:`reslab.record.run_record` of the device ``cfg`` trains on, plus the data sizes and
+    the full training config."""
+    from reslab.record import run_record
+    from reslab.train import resolve_device
 
-    return run_info(
+    return run_record(
+        resolve_device(cfg.device),
         experiment=experiment,
         quick=quick,
         data=splits.name,
