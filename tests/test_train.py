@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 
 from reslab import create_model
 from reslab.cli import main
-from reslab.data import Normalize, load_data
+from reslab.data import DataSplits, Normalize, Split, load_data
 from reslab.train import (
     NonFiniteLossError,
     TrainConfig,
@@ -172,20 +173,21 @@ def straight(digits, tmp_path_factory):
     return fit(_model(), digits, _cfg(iters=N), out)
 
 
-def _resumed(digits, out: Path, *, drop_rng: bool):
+def _resumed(digits, out: Path, *, reset_rng: bool):
     with pytest.raises(TrainingInterrupted) as info:
         fit(_model(), digits, _cfg(iters=N), out, on_step=_interrupt_at(K))
     assert info.value.step == K + 1
     ckpt = torch.load(out / LATEST, weights_only=True)
     assert ckpt["step"] == K + 1 and (K + 1) % 20 > 0  # mid-epoch
-    if drop_rng:
-        del ckpt["rng"]
+    if reset_rng:  # the generators as a fresh run seeds them, in place of the saved states
+        fresh = torch.Generator().manual_seed(_cfg().seed).get_state()
+        ckpt["rng"] = {"data": fresh, "torch": fresh, "cuda": []}
         torch.save(ckpt, out / LATEST)
     return fit(_model(seed=1), digits, _cfg(iters=N), out, resume=True)
 
 
 def test_resume_is_bit_identical(digits, straight, tmp_path: Path) -> None:
-    resumed = _resumed(digits, tmp_path, drop_rng=False)
+    resumed = _resumed(digits, tmp_path, reset_rng=False)
     assert resumed.losses == straight.losses  # every step's loss, exactly
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -200,13 +202,28 @@ def test_resume_is_bit_identical(digits, straight, tmp_path: Path) -> None:
 
 
 def test_resume_without_rng_state_diverges(digits, straight, tmp_path: Path) -> None:
-    """Proof that the test above cannot pass by accident: the RNG state is what makes it exact."""
-    with pytest.warns(UserWarning, match="no RNG state"):
-        resumed = _resumed(digits, tmp_path, drop_rng=True)
+    """Proof that the test above cannot pass by accident: the RNG state is what makes it exact.
+    (Checkpoints always carry it; the saved states are replaced by a fresh seeding here.)"""
+    resumed = _resumed(digits, tmp_path, reset_rng=True)
     assert resumed.losses[: K + 1] == straight.losses[: K + 1]
     assert resumed.losses[K + 1 :] != straight.losses[K + 1 :]
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert not all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_from_a_checkpoint_written_before_the_format_version(
+    digits, straight, tmp_path: Path
+) -> None:
+    """Format version 1 (the trainer's checkpoints before the field: the data order as "perm" at
+    the top level) still resumes bit-exactly."""
+    with pytest.raises(TrainingInterrupted):
+        fit(_model(), digits, _cfg(iters=N), tmp_path, on_step=_interrupt_at(K))
+    ckpt = torch.load(tmp_path / LATEST, weights_only=True)
+    del ckpt["format_version"]
+    ckpt["perm"] = ckpt.pop("batches")["perm"]
+    torch.save(ckpt, tmp_path / LATEST)
+    resumed = fit(_model(seed=1), digits, _cfg(iters=N), tmp_path, resume=True)
+    assert resumed.losses == straight.losses
 
 
 # -- run folder and checkpoints --
@@ -483,6 +500,42 @@ def test_ddp_comparison_tells_per_rank_batchnorm_apart(digits, tmp_path: Path) -
         if v.is_floating_point()
     ]
     assert not all(close)
+
+
+def _tiny_digits() -> DataSplits:
+    """40 training images: fewer than one batch of the digits recipe's 64."""
+    d = load_data("digits")
+    return dataclasses.replace(d, train=Split(d.train.images[:40], d.train.labels[:40]))
+
+
+def _ddp_tiny_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
+    )
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    result = fit(_smooth_model(), _tiny_digits(), _ddp_cfg(sync_bn=True), None)
+    if rank == 0:
+        torch.save({"model": result.model.state_dict(), "history": result.history}, out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_on_a_data_set_smaller_than_a_batch_equals_one_process(tmp_path: Path) -> None:
+    """Each of 2 ranks trains on 20 of the 40 images. (Rank 0 took 32 and rank 1 the last 8 of
+    a 64-image slice, so DDP's mean of the ranks' gradients weighted those 8 four times as
+    much; the error was counted out of 64.)"""
+    out = tmp_path / "ddp.pt"
+    torch.multiprocessing.spawn(_ddp_tiny_worker, args=(2, _free_port(), str(out)), nprocs=2)
+    single = fit(_smooth_model(), _tiny_digits(), _ddp_cfg())
+    ddp = torch.load(out, weights_only=True)
+    for k, v in single.model.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(ddp["model"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    (d,), (s,) = ddp["history"], single.history
+    assert d["train_error"] == s["train_error"] and d["loss"] == pytest.approx(s["loss"])
+    assert d["images_per_second"] * d["seconds"] == pytest.approx(4 * 40)
 
 
 def test_torchrun_refuses_one_fixed_gpu_for_every_rank(digits, monkeypatch) -> None:

@@ -245,7 +245,8 @@ def run_eval(args: argparse.Namespace) -> int:
     flip = args.flip
     if flip is None:
         flip = bool(ckpt.get("train_config", {}).get("eval_flip", False))
-    report = evaluate(model, getattr(splits, args.split), device=device, flip=flip)
+    split = getattr(splits, args.split)
+    report = evaluate(model, split, device=device, flip=flip, progress=None, desc=args.split)
     report = {"checkpoint": str(path), "data": spec, "split": args.split, "step": ckpt["step"],
               "flip": flip, "classes": splits.classes, **report}  # fmt: skip
     print(json.dumps(report) if args.json else format_report(report, splits.classes))

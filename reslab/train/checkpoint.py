@@ -1,4 +1,9 @@
-"""Checkpoints: plain dicts of tensors, numbers and strings, loadable with ``weights_only=True``."""
+"""Checkpoints: plain dicts of tensors, numbers and strings, loadable with ``weights_only=True``.
+
+Every checkpoint reslab writes carries ``format_version`` (:data:`FORMAT_VERSION`); a reader
+refuses versions newer than it knows. Version 1 is the layout before the field existed (files
+without it); version 2 keeps the training data's position under ``batches``.
+"""
 
 from __future__ import annotations
 
@@ -14,17 +19,21 @@ from reslab.models import DenseConfig, DenseResNet, ResNetConfig, build_model
 
 __all__ = [
     "BEST",
+    "FORMAT_VERSION",
     "LATEST",
     "find_checkpoint",
     "holds_run",
     "load_checkpoint",
     "load_model",
+    "model_config",
     "model_record",
     "save_checkpoint",
+    "set_input_norm",
 ]
 
 LATEST = "checkpoint_latest.pt"  # the newest state, for --resume
 BEST = "checkpoint_best.pt"  # the lowest validation error so far
+FORMAT_VERSION = 2
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -39,12 +48,32 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint at ``path`` on the CPU, in the current format (:data:`FORMAT_VERSION`)."""
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ValueError(f"corrupt or unreadable checkpoint {path}: {exc}") from exc
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} is not a reslab checkpoint (it holds a {type(ckpt).__name__})")
+    return _upgrade(ckpt, path)
+
+
+def _upgrade(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
+    version = ckpt.get("format_version", 1)  # files from before the field are version 1
+    if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
+        import reslab
+
+        raise ValueError(
+            f"{path} has checkpoint format version {version!r}; this reslab "
+            f"({reslab.__version__}) reads versions 1 to {FORMAT_VERSION}: it was written by a "
+            "newer reslab, upgrade to read it"
+        )
+    if version == 1 and "perm" in ckpt:  # version 1 kept the data order at the top level
+        ckpt["batches"] = {"perm": ckpt.pop("perm")}
+    ckpt["format_version"] = FORMAT_VERSION
+    return ckpt
 
 
 def find_checkpoint(path: Path, *, prefer: str = BEST) -> Path:
@@ -57,14 +86,28 @@ def find_checkpoint(path: Path, *, prefer: str = BEST) -> Path:
     return path
 
 
+def model_config(model: nn.Module) -> ResNetConfig | DenseConfig:
+    """The config a reslab network was built from (its ``config``)."""
+    config = getattr(model, "config", None)
+    if not isinstance(config, ResNetConfig | DenseConfig):
+        raise TypeError(f"{type(model).__name__} is not a reslab network: it has no config")
+    return config
+
+
+def set_input_norm(model: nn.Module, norm: Normalize) -> None:
+    """Attach the normalisation of uint8 inputs that evaluation and checkpoints carry."""
+    model.input_norm = norm  # type: ignore[assignment]  # nn.Module's typing: Tensor/Module only
+
+
 def model_record(model: nn.Module) -> dict[str, Any]:
     """The entries that rebuild ``model``: its weights (no ``module.``/``_orig_mod.`` prefix since
     the raw module is saved), config, kind and input normalisation."""
     kind = "dense" if isinstance(model, DenseResNet) else "resnet"
     norm = getattr(model, "input_norm", None)
     return {
+        "format_version": FORMAT_VERSION,
         "model": model.state_dict(),
-        "model_config": model.config.to_dict(),
+        "model_config": model_config(model).to_dict(),
         "model_kind": kind,
         "normalization": norm.to_dict() if norm is not None else None,
     }
@@ -81,5 +124,5 @@ def load_model(path: str | Path) -> nn.Module:
     model = build_model(config_cls.from_dict(ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     if ckpt.get("normalization") is not None:
-        model.input_norm = Normalize.from_dict(ckpt["normalization"])
+        set_input_norm(model, Normalize.from_dict(ckpt["normalization"]))
     return model.eval()

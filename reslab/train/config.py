@@ -71,6 +71,9 @@ class TrainConfig:
     eval_every: int = 2000  # optimiser steps between evaluations/checkpoints; 0 = once per epoch
     eval_test: bool = True  # also log test error (the Fig. 6 curves); never used to select
     eval_batch_size: int = 512
+    # the run folder also gets TensorBoard event files (when the tensorboard package is
+    # installed: pip install "reslab[tensorboard]"); metrics.jsonl is written either way
+    tensorboard: bool = True
 
     def __post_init__(self) -> None:
         _check("schedule", self.schedule, SCHEDULES)

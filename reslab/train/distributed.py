@@ -64,15 +64,17 @@ class CPUSyncBatchNorm(nn.BatchNorm2d):
         mean = totals[:c] / n
         centred = xf - mean.view(1, c, 1, 1)
         var = all_reduce((centred * centred).sum((0, 2, 3)), group=group) / n
-        if self.track_running_stats and self.running_mean is not None:
+        run_mean, run_var, tracked = self.running_mean, self.running_var, self.num_batches_tracked
+        if self.track_running_stats and run_mean is not None:
+            assert run_var is not None and tracked is not None  # tracked together by BatchNorm
             with torch.no_grad():
-                self.num_batches_tracked += 1
+                tracked.add_(1)
                 # momentum None: BatchNorm2d's cumulative average over the batches seen so far
                 m = self.momentum
                 if m is None:
-                    m = 1.0 / float(self.num_batches_tracked)
-                self.running_mean.lerp_(mean.detach(), m)
-                self.running_var.lerp_(var.detach() * n / (n - 1), m)
+                    m = 1.0 / float(tracked)
+                run_mean.lerp_(mean.detach(), m)
+                run_var.lerp_(var.detach() * n / (n - 1), m)
         shape = (1, c, 1, 1)
         y = centred * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
@@ -88,6 +90,7 @@ def convert_sync_batchnorm(model: nn.Module, *, cuda: bool) -> nn.Module:
     # A group of its own: statistics all-reduced inside autograd must not interleave with DDP's
     # asynchronous gradient buckets on one gloo group (that mixed them up: 3% wrong gradients).
     group = dist.new_group(backend="gloo")
+    assert isinstance(group, dist.ProcessGroup)  # every rank is a member
     _convert_cpu(model, group)
     return model
 

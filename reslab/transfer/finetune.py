@@ -214,7 +214,7 @@ def _fit(
     groups = param_groups(
         net,
         pretrained_lr_scale=ft["pretrained_lr_scale"],
-        new=tuple(ft.get("new_modules", NEW_MODULES)),  # runs from before it was recorded
+        new=tuple(ft["new_modules"]),
         decay_all=cfg.decay_all,
     )
     return fit(

@@ -1,0 +1,135 @@
+"""The state of a training run: everything a resume needs to continue bit for bit, in one object."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from reslab.train.batches import TrainingBatches
+from reslab.train.step import StepStats
+
+__all__ = ["WARMUP_WINDOW", "RunState", "Window"]
+
+WARMUP_WINDOW = 10  # batches averaged when deciding that training error fell below warmup_error
+
+
+@dataclass
+class Window:
+    """Training loss and error summed since the last evaluation, and over how many steps: a
+    resume inside a window must log the same mean at the next evaluation as a straight run."""
+
+    loss: float = 0.0
+    error: float = 0.0
+    steps: int = 0
+
+    def add(self, loss: float, error: float) -> None:
+        self.loss, self.error, self.steps = self.loss + loss, self.error + error, self.steps + 1
+
+
+@dataclass
+class RunState:
+    """The mutable state of one run. :meth:`state_dict` is exactly what resume needs: the model's
+    and optimiser's state, the gradient scaler, the data source's position, the random number
+    generators, the warm-up state, the history and the counters; :meth:`load_state_dict` puts a
+    run back where the state was taken."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    batches: TrainingBatches
+    generator: torch.Generator  # data order and augmentation (the batches draw from it)
+    warming: bool = False  # He et al. 2015 §4.2's warm-up at warmup_lr is on
+    step: int = 0  # optimiser steps done
+    recent_errors: list[float] = field(default_factory=list)  # the last WARMUP_WINDOW errors
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per evaluation
+    losses: list[float] = field(default_factory=list)  # the loss of every step
+    window: Window = field(default_factory=Window)
+    best_val: float = math.inf  # lowest validation error so far
+    train_seconds: float = 0.0  # time in training steps (evaluation excluded)
+    images: int = 0  # training images processed, all ranks
+
+    def record_step(self, stats: StepStats, seconds: float, *, warmup_error: float) -> None:
+        """Count one finished optimiser step; end the warm-up once the mean error of the last
+        WARMUP_WINDOW batches is below ``warmup_error`` ("then go back to 0.1")."""
+        self.step += 1
+        self.losses.append(stats.loss)
+        self.images += stats.images
+        self.train_seconds += seconds
+        self.window.add(stats.loss, stats.error)
+        if self.warming:
+            self.recent_errors = [*self.recent_errors[-WARMUP_WINDOW + 1 :], stats.error]
+            full = len(self.recent_errors) == WARMUP_WINDOW
+            if full and sum(self.recent_errors) / WARMUP_WINDOW < warmup_error:
+                self.warming = False
+
+    def close_window(self, *, lr: float, steps_per_epoch: int) -> dict[str, Any]:
+        """The training half of an evaluation record (means over the steps since the last one);
+        starts a new window."""
+        w, self.window = self.window, Window()
+        return {
+            "step": self.step,
+            "epoch": self.step / steps_per_epoch,
+            "lr": lr,
+            "loss": w.loss / w.steps,
+            "train_error": w.error / w.steps,
+            "seconds": self.train_seconds,
+            "images_per_second": self.images / max(self.train_seconds, 1e-9),
+        }
+
+    def improves(self, val_error: float | None) -> bool:
+        """Whether ``val_error`` is a new best; if so it becomes the best."""
+        if val_error is None or not val_error < self.best_val:
+            return False
+        self.best_val = val_error
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "batches": self.batches.state_dict(),
+            "warming": self.warming,
+            "recent_errors": list(self.recent_errors),
+            "history": self.history,
+            "losses": torch.tensor(self.losses, dtype=torch.float64),
+            "window": [self.window.loss, self.window.error, self.window.steps],
+            "best_val": self.best_val,
+            "train_seconds": self.train_seconds,
+            "images": self.images,
+            "rng": {
+                "data": self.generator.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state["scaler"]:  # empty: the disabled scaler of an fp32 run; fp16 starts a new scale
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.batches.load_state_dict(state["batches"])
+        self.warming = bool(state["warming"])
+        self.recent_errors = list(state["recent_errors"])
+        self.history = list(state["history"])
+        self.losses = state["losses"].tolist()
+        loss, error, steps = state["window"]
+        self.window = Window(float(loss), float(error), int(steps))
+        self.best_val = float(state["best_val"])
+        self.train_seconds = float(state["train_seconds"])
+        self.images = int(state["images"])
+        rng = state["rng"]
+        self.generator.set_state(rng["data"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            # the devices both machines have: a checkpoint from one with more visible GPUs must
+            # resume on one with fewer (set_rng_state_all would index past the last device)
+            for index, state_ in enumerate(rng["cuda"][: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(state_, index)
