@@ -60,8 +60,8 @@ def test_curves_of_one_evaluation_show_points_and_name_the_model(
     assert set(lines) == {"train", "val", "test"}
     for line in lines.values():
         assert len(line.get_xdata()) == 1 and line.get_marker() not in (None, "", "None")
-    assert named.axes[0].get_title() == "cifar_resnet20, digits, digits"
-    assert unnamed.axes[0].get_title() == "ResNet-20, digits, digits"
+    assert named.axes[0].get_title() == "cifar_resnet20 on digits, digits recipe"
+    assert unnamed.axes[0].get_title() == "ResNet-20 on digits, digits recipe"
 
 
 def test_curves_keep_validation_and_test_error_in_view(tmp_path: Path, saved_figures) -> None:

@@ -249,7 +249,7 @@ def _title(
     if not name:
         depth = getattr(model_config(model), "depth", None)
         name = type(model).__name__ + (f"-{depth}" if depth else "")
-    return f"{name}, {splits.name}, {cfg.recipe}"
+    return f"{name} on {splits.name}, {cfg.recipe} recipe"
 
 
 @contextlib.contextmanager

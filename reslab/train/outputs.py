@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,10 @@ class RunFolder:
         for record in state.history:
             append_metrics(self.metrics, record)
         if self.cfg.tensorboard and importlib.util.find_spec("tensorboard") is not None:
-            self.tensorboard = _TensorBoard(self.path, purge_step=state.step + 1)
+            try:
+                self.tensorboard = _TensorBoard(self.path, purge_step=state.step + 1)
+            except ImportError as exc:  # a broken install must not stop the run
+                warnings.warn(f"TensorBoard events not written: {exc}", stacklevel=3)
 
     def log(self, record: dict[str, Any]) -> None:
         append_metrics(self.metrics, record)
@@ -121,6 +125,7 @@ def curves_figure(history: list[dict[str, Any]], *, title: str = "") -> Any:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
     top = 0.0
@@ -136,6 +141,7 @@ def curves_figure(history: list[dict[str, Any]], *, title: str = "") -> Any:
         top = max(top, *(y for _, y in pts))
     ax.set_xlabel("iterations")
     ax.set_ylabel("error (%)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # iterations are whole steps
     if history and max(h["step"] for h in history) >= 10_000:
         ax.ticklabel_format(axis="x", style="sci", scilimits=(4, 4))
     # every curve in view (train error alone cut off validation and test when they were higher)
