@@ -110,3 +110,53 @@ def test_head_gets_its_lines_and_nothing_is_reported() -> None:
     )
     assert done.stdout.split() == ["cifar_plain110", "cifar_plain20", "cifar_plain32"]
     assert done.stderr == ""
+
+
+def _trainer_actions(command: str) -> dict[str, tuple]:
+    from reslab.cli import build_parser
+    from reslab.commands.options import TRAINER_FLAGS
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    return {
+        a.dest: (tuple(a.option_strings), a.type, a.choices, a.default, a.nargs)
+        for a in sub._actions
+        if a.dest in TRAINER_FLAGS
+    }
+
+
+def test_train_and_finetune_take_the_same_trainer_flags() -> None:
+    """One definition: same names, types, choices and defaults (they had drifted apart:
+    finetune lacked --no-compile and --no-sync-bn)."""
+    from reslab.commands.options import TRAINER_FLAGS
+
+    train, finetune = _trainer_actions("train"), _trainer_actions("finetune")
+    assert set(train) == set(TRAINER_FLAGS)
+    assert train == finetune
+    assert train["compile"][0] == ("--compile", "--no-compile")
+
+
+def test_default_recipe_per_command_and_data() -> None:
+    from reslab.cli import build_parser
+    from reslab.commands.options import train_config
+
+    def recipe(argv: list[str], command: str, data: str) -> str:
+        return train_config(build_parser().parse_args(argv), command=command, data=data).recipe
+
+    assert recipe(["train"], "train", "digits") == "digits"
+    assert recipe(["train", "--data", "x.zip"], "train", "x.zip") == "paper"
+    assert recipe(["finetune", "--data", "x.zip"], "finetune", "x.zip") == "fast"
+    assert recipe(["train", "--recipe", "fast", "--data", "digits"], "train", "digits") == "fast"
+
+
+def test_seed_range_is_what_torch_takes_without_wrapping() -> None:
+    import argparse
+
+    import torch
+
+    from reslab.commands.options import MAX_SEED, seed
+
+    assert seed(str(MAX_SEED)) == 2**63 - 1
+    torch.Generator().manual_seed(seed(str(MAX_SEED)))  # accepted by torch
+    for bad in (str(2**63), "-1", "1.5", "2**70"):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"\[0, 2\*\*63 - 1\]"):
+            seed(bad)

@@ -127,17 +127,19 @@ DEFAULT_RECIPES: dict[str, str] = {"train": "paper", "finetune": "fast", "analyz
 
 def _trainer_flag_specs(command: str) -> dict[str, dict[str, Any]]:
     recipe = DEFAULT_RECIPES[command]
+    finetune = command == "finetune"
     return {
         "recipe": {
             "choices": tuple(PRESETS),
-            "help": f"the preset the other flags override (default: digits for the digits, "
+            "help": f"the preset the other flags override (default: digits with --data digits, "
             f"else {recipe})",
         },
         "iters": {"type": positive_int, "metavar": "STEPS", "help": "optimiser steps"},
         "epochs": {"type": positive_float, "help": "passes over the training split"},
         "seed": {
             "type": seed,
-            "help": "initial weights, data order, augmentation (default: the recipe's, 0)",
+            "help": ("the new head's weights, the data split" if finetune else "initial weights")
+            + ", data order and augmentation (default: the recipe's, 0)",
         },
         "device": {"choices": DEVICES, "help": "default: auto (cuda when present)"},
         "compile": {
@@ -160,7 +162,8 @@ def _trainer_flag_specs(command: str) -> dict[str, dict[str, Any]]:
         },
         "lr": {
             "type": positive_float,
-            "help": "peak learning rate (reslab finetune: of the new head)",
+            "help": "peak learning rate"
+            + (" of the new head (pretrained layers: x --pretrained-lr-scale)" if finetune else ""),
         },
         "sync_bn": {
             "action": argparse.BooleanOptionalAction,
