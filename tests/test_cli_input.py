@@ -6,11 +6,12 @@ written: no run folder, no ``runs/``, no traceback.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
 
-from reslab.cli import main
+from reslab.cli import build_parser, main
 
 BIG_SEED = str(2**70)  # 1180591620717411303424; torch.manual_seed overflows past 2**64 - 1
 FROM = ["--from", "missing.pth", "--data", "digits"]  # never read: the parser stops first
@@ -87,3 +88,32 @@ def test_bad_numbers_are_parser_errors(
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"reslab {argv[0]}") and f"error: argument {flag}" in last, err
     assert list(tmp_path.iterdir()) == []  # no run folder, no runs/, nothing else
+
+
+def _all_actions() -> list[tuple[str, argparse.Action]]:
+    """(command path, action) for every option of every subcommand, nested ones included."""
+    found = []
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{path} {name}".strip())
+            else:
+                found.append((path, action))
+
+    walk(build_parser(), "")
+    return found
+
+
+def test_no_number_reaches_a_command_unchecked() -> None:
+    """Every int/float option uses a range-checked type from reslab.commands.options, so a new
+    flag cannot bring back a bare ``type=int`` (which takes 0, -5 and 2**70)."""
+    bare = [
+        f"reslab {path} {'/'.join(action.option_strings) or action.dest}"
+        for path, action in _all_actions()
+        if action.type in (int, float)
+    ]
+    assert not bare, f"use a validator from reslab.commands.options: {bare}"
+    commands = {path.split()[0] for path, _ in _all_actions() if path}
+    assert commands >= {"summary", "list", "analyze", "train", "eval", "finetune", "predict"}

@@ -56,9 +56,10 @@ MAX_SEED = 2**63 - 1
 
 
 def _checked(
-    parse: Callable[[str], T], ok: Callable[[T], bool], kind: str, rule: str
+    name: str, parse: Callable[[str], T], ok: Callable[[T], bool], kind: str, rule: str
 ) -> Callable[[str], T]:
-    """An argparse type: ``parse`` the text, then require ``ok``; the messages say ``rule``."""
+    """The argparse type ``name``: ``parse`` the text, then require ``ok``; the messages say
+    ``kind`` and ``rule``."""
 
     def check(text: str) -> T:
         try:
@@ -69,23 +70,21 @@ def _checked(
             raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
         return value
 
-    check.__name__ = f"{kind} {rule}"
+    check.__name__ = check.__qualname__ = name
     return check
 
 
-positive_int: Callable[[str], int] = _checked(int, lambda v: v >= 1, "an integer", ">= 1")
-nonnegative_int: Callable[[str], int] = _checked(int, lambda v: v >= 0, "an integer", ">= 0")
-positive_float: Callable[[str], float] = _checked(
-    float, lambda v: 0 < v < math.inf, "a number", "> 0 and finite"
+positive_int = _checked("positive_int", int, lambda v: v >= 1, "an integer", ">= 1")
+nonnegative_int = _checked("nonnegative_int", int, lambda v: v >= 0, "an integer", ">= 0")
+positive_float = _checked(
+    "positive_float", float, lambda v: 0 < v < math.inf, "a number", "> 0 and finite"
 )
-nonnegative_float: Callable[[str], float] = _checked(
-    float, lambda v: 0 <= v < math.inf, "a number", ">= 0 and finite"
+nonnegative_float = _checked(
+    "nonnegative_float", float, lambda v: 0 <= v < math.inf, "a number", ">= 0 and finite"
 )
 #: A share of something, such as the training images kept: 0 would keep nothing.
-fraction: Callable[[str], float] = _checked(float, lambda v: 0 < v <= 1, "a number", "in (0, 1]")
-seed: Callable[[str], int] = _checked(
-    int, lambda v: 0 <= v <= MAX_SEED, "an integer", "in [0, 2**63 - 1]"
-)
+fraction = _checked("fraction", float, lambda v: 0 < v <= 1, "a number", "in (0, 1]")
+seed = _checked("seed", int, lambda v: 0 <= v <= MAX_SEED, "an integer", "in [0, 2**63 - 1]")
 
 
 def class_names(text: str) -> list[str]:
