@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -23,6 +25,8 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("predict", "reslab.commands.finetune"),
 ]
 
+# exit status 128 + SIGPIPE (141), as for any program a closed pipe stops
+SIGPIPE = int(getattr(signal, "SIGPIPE", 13))
 DEFAULT_COMMAND = ["train"]  # the README's main job: a small ResNet on the bundled digits
 
 
@@ -41,15 +45,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status (argparse's own exits included: 2 for a usage
+    error, 0 for --help), so tests and callers never see SystemExit."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv:
-        argv = list(DEFAULT_COMMAND)
-    args = build_parser().parse_args(argv)
+    try:
+        status = _dispatch(argv or list(DEFAULT_COMMAND))
+        sys.stdout.flush()  # inside the try: a closed pipe surfaces here for buffered output
+        return status
+    except BrokenPipeError:
+        # The reader went away (`reslab list | head -3`): stop quietly, as a program killed by
+        # SIGPIPE would. Python ignores SIGPIPE, so point stdout at /dev/null, else the flush at
+        # exit fails a second time (recipe of the `signal` module's docs, "Note on SIGPIPE").
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + SIGPIPE
+
+
+def _dispatch(argv: list[str]) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse printed the usage error or the help already
+        return exc.code if isinstance(exc.code, int) else 2
     if args.command is None:
-        build_parser().print_help()
+        parser.print_help()
         return 2
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:
+        raise
     # OSError: missing files, but also e.g. --out under an existing file (NotADirectoryError)
     except (ValueError, OSError) as exc:
         print(f"reslab {args.command}: error: {exc}", file=sys.stderr)

@@ -85,14 +85,14 @@ def test_train_resolution_follows_the_schedule_and_round_trips() -> None:
 
 def test_compile_mode_is_checked_and_reaches_the_config_from_the_cli() -> None:
     from reslab.cli import build_parser
-    from reslab.commands.train import _overrides
+    from reslab.commands.options import trainer_overrides
 
     with pytest.raises(ValueError, match="unknown compile_mode 'fast'"):
         TrainConfig.preset("paper", compile_mode="fast")
     args = build_parser().parse_args(
         ["train", "--compile", "--compile-mode", "reduce-overhead", "--iters", "5"]
     )
-    cfg = TrainConfig.preset("paper", **_overrides(args))
+    cfg = TrainConfig.preset("paper", **trainer_overrides(args))
     assert (cfg.compile, cfg.compile_mode, cfg.iters) == (True, "reduce-overhead", 5)
     assert TrainConfig.preset("paper").compile_mode == "default"
 

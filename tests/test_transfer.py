@@ -417,7 +417,7 @@ def test_bad_freeze_part_leaves_no_run_folder(
     assert "unknown part 'layer9'" in capsys.readouterr().err
     assert not out.exists()
     assert main([*argv[:-4], "--unfreeze-every", "0", "--out", str(out)]) == 2
-    assert "unfreeze_every" in capsys.readouterr().err and not out.exists()
+    assert "argument --unfreeze-every" in capsys.readouterr().err and not out.exists()
 
 
 # -- review fixes: resume a fine-tuning run ----------------------------------------------------
@@ -478,7 +478,7 @@ def test_train_resume_of_a_finetune_run_points_to_finetune_resume(
     import json
 
     from reslab.cli import main
-    from reslab.commands.finetune import check_train_resume
+    from reslab.commands.options import check_train_resume
 
     check_train_resume(tmp_path, {"train_config": {}})  # a `reslab train` run: fine
     config = {"train_config": {}, "finetune": {"freeze_until": "none"}}

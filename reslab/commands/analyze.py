@@ -15,6 +15,13 @@ import torch
 
 from reslab.analysis import EXPERIMENTS
 from reslab.analysis.training import TrainSpec
+from reslab.commands.options import (
+    add_trainer_options,
+    fraction,
+    nonnegative_int,
+    positive_int,
+    seed,
+)
 
 #: Experiments that train networks with the library trainer (they share --recipe etc.).
 TRAINING = ("degradation", "responses", "lesion", "orderings")
@@ -26,28 +33,13 @@ HELP = {
     "lesion": "delete single units at test time, ResNet vs plain twin (Veit et al. 2016)",
     "ode": "tau = T/L as forward Euler; tau vs gradient norms; learnable vs fixed tau",
     "orderings": "the five unit orderings of He et al. 2016 Table 2 with one recipe",
-    "toy": "seed 000's one-node three-layer example: autograd vs the product formula",
+    "toy": "the one-node, three-layer example of Herberg's lecture notes (2023): autograd vs "
+    "the product formula",
 }
 
 
-def _positive(text: str) -> int:
-    """argparse type: an integer >= 1 (a batch of 0 or a depth of 0 is no experiment)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _count(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("analyze", help="the seeds' theory as experiments (JSON + PNG)")
+    p = sub.add_parser("analyze", help="experiments on why residual learning works (JSON + PNG)")
     exp = p.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
     for name in EXPERIMENTS:
         e = exp.add_parser(name, help=HELP[name], description=HELP[name])
@@ -58,7 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                 metavar="MODEL",
                 help="registered model names or checkpoint files",
             )
-            e.add_argument("--batch-size", type=_positive, default=8)
+            e.add_argument("--batch-size", type=positive_int, default=8)
         e.add_argument("--out", type=Path, required=True, help="folder for the JSON and PNGs")
         e.add_argument("--quick", action="store_true", help="a CPU budget of <= 5 minutes")
         if name != "toy":
@@ -69,42 +61,38 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                 "(default: digits with --quick, else the CIFAR-10 JPEG zip; "
                 "gradflow: gaussian inputs)",
             )
-            e.add_argument("--seed", type=int, default=0)
+            e.add_argument("--seed", type=seed, default=0)
         if name in ("degradation", "responses", "lesion", "ode", "orderings"):
             e.add_argument(
-                "--iters", type=_positive, default=None, help="optimiser steps per network"
+                "--iters", type=positive_int, default=None, help="optimiser steps per network"
             )
-        if name in TRAINING:
-            e.add_argument(
-                "--recipe",
-                default=None,
-                choices=("digits", "fast", "paper"),
-                help="trainer preset (default: digits on digits, else fast in fp32)",
+        if name in TRAINING:  # every network of the experiment is trained with these
+            add_trainer_options(
+                e, command="analyze", only=("recipe", "batch_size", "lr", "eval_every")
             )
-            e.add_argument("--batch-size", type=_positive, default=None)
-            e.add_argument("--lr", type=float, default=None)
-            e.add_argument("--eval-every", type=_positive, default=None)
         if name in ("degradation", "responses"):
-            e.add_argument("--depths", type=_positive, nargs="+", default=None)
+            e.add_argument("--depths", type=positive_int, nargs="+", default=None)
         if name in ("lesion", "orderings"):
-            e.add_argument("--depth", type=_positive, default=None)
+            e.add_argument("--depth", type=positive_int, default=None)
         if name in TRAINING:
             e.add_argument(
                 "--train-fraction",
-                type=float,
+                type=fraction,
                 default=1.0,
                 help="keep this fraction of each class's training images",
             )
-            e.add_argument("--val-size", type=_count, default=None, help="validation images")
+            e.add_argument(
+                "--val-size", type=nonnegative_int, default=None, help="validation images"
+            )
             e.add_argument(
                 "--test-size",
-                type=_positive,
+                type=positive_int,
                 default=None,
                 help="evaluate on a seeded random subset of this many test images",
             )
         e.add_argument(
             "--threads",
-            type=_positive,
+            type=positive_int,
             default=None,
             help="torch CPU threads (1 avoids oversubscription on a shared machine)",
         )

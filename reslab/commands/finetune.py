@@ -8,7 +8,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_parser", "check_train_resume"]
+from reslab.commands.options import (
+    add_run_folder_options,
+    add_trainer_options,
+    class_names,
+    fraction,
+    nonnegative_float,
+    nonnegative_int,
+    positive_int,
+    resume_config,
+    train_config,
+)
+
+__all__ = ["add_parser"]
 
 # Options that define a fine-tuning run: `--resume` takes them from the run's config.json
 # (trainer flags such as --iters, --threads or --device, and --data for moved data, may change).
@@ -45,13 +57,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "unless --resume)",
     )
     p.add_argument(
-        "--resume",
-        type=Path,
-        metavar="RUN_DIR",
-        help="continue a fine-tuning run from its latest checkpoint, with the options it was "
-        "started with (trainer flags such as --iters or --threads may be given)",
-    )
-    p.add_argument(
         "--model",
         help="registered model the file fits (needed for torchvision/timm "
         "files; reslab checkpoints carry their own)",
@@ -62,16 +67,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="'digits', CIFAR python folder/.tar.gz, or an image folder/.zip (required unless "
         "--resume; with it, the run's data moved elsewhere)",
     )
-    p.add_argument("--classes", help="comma-separated classes to keep, in this order")
+    p.add_argument(
+        "--classes", type=class_names, help="comma-separated classes to keep, in this order"
+    )
     p.add_argument(
         "--train-fraction",
-        type=float,
+        type=fraction,
         help="share of each class's training images to keep (default 1)",
     )
-    p.add_argument("--val-size", type=int, help="validation images held out of train")
+    p.add_argument(
+        "--val-size",
+        type=nonnegative_int,
+        help="images held out of train for validation (default 1/10)",
+    )
     p.add_argument(
         "--in-channels",
-        type=int,
+        type=positive_int,
         help="input channels of the new first layer (default: the data's)",
     )
     p.add_argument(
@@ -81,16 +92,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--unfreeze-every",
-        type=int,
+        type=positive_int,
         metavar="STEPS",
         help="unfreeze one more part every STEPS steps, deepest first",
     )
     p.add_argument(
         "--pretrained-lr-scale",
-        type=float,
-        help="learning rate of the pretrained layers relative to the new head (default 0.1)",
+        type=nonnegative_float,
+        help="learning rate of the pretrained layers relative to the new head (default 0.1; "
+        "0 keeps them fixed)",
     )
-    _add_trainer_options(p)
+    add_run_folder_options(p, default_out="runs/finetune-DATA-TIME")
+    add_trainer_options(p, command="finetune")
     p.set_defaults(func=run_finetune)
 
     q = subparsers.add_parser(
@@ -100,60 +113,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     q.add_argument("checkpoint", help="checkpoint file or run folder (best checkpoint)")
     q.add_argument("images", nargs="+", metavar="IMAGE")
-    q.add_argument("--topk", type=int, default=5)
+    q.add_argument("--topk", type=positive_int, default=5, help="classes per image (default 5)")
     q.add_argument(
         "--image-size",
-        type=int,
+        type=positive_int,
         help="side the images are resized to (default: the training size if the "
         "checkpoint records it, else 32)",
     )
     q.set_defaults(func=run_predict)
-
-
-def _add_trainer_options(p: argparse.ArgumentParser) -> None:
-    """The trainer flags of ``reslab train`` (same names, same TrainConfig fields)."""
-    from reslab.train import PRESETS
-    from reslab.train.config import COMPILE_MODES
-
-    g = p.add_argument_group("trainer options (as reslab train)")
-    g.add_argument(
-        "--recipe",
-        choices=list(PRESETS),
-        default=None,
-        help="default: digits for --data digits, else fast",
-    )
-    length = g.add_mutually_exclusive_group()
-    length.add_argument("--iters", type=int, default=None, help="optimiser steps")
-    length.add_argument("--epochs", type=float, default=None, help="passes over the train split")
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
-    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    g.add_argument(
-        "--compile-mode",
-        choices=COMPILE_MODES,
-        default=None,
-        help="torch.compile mode with --compile; reduce-overhead: CUDA graphs (small nets on GPU)",
-    )
-    g.add_argument(
-        "--precision",
-        choices=("fp32", "bf16", "fp16"),
-        default=None,
-        help="fp32 on CPUs without AVX-512 bf16 (bf16 was ~9x slower on ours)",
-    )
-    g.add_argument("--batch-size", type=int, default=None)
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate of the new layers")
-    g.add_argument("--sync-bn", action="store_true", default=None, help="DDP: SyncBatchNorm")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads per process")
-    g.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
-    g.add_argument("--out", type=Path, help="run folder (default runs/finetune-DATA-TIME)")
-
-
-def _train_config(args: argparse.Namespace) -> Any:
-    from reslab.commands.train import _overrides  # one flag -> TrainConfig mapping for both
-    from reslab.train import TrainConfig
-
-    recipe = args.recipe or ("digits" if args.data == "digits" else "fast")
-    return TrainConfig.preset(recipe, **_overrides(args))
 
 
 def run_finetune(args: argparse.Namespace) -> int:
@@ -176,13 +143,13 @@ def run_finetune(args: argparse.Namespace) -> int:
         sha256=args.sha256,
     )
     train_fraction = 1.0 if args.train_fraction is None else args.train_fraction
-    cfg = _train_config(args)
+    cfg = train_config(args, command="finetune", data=args.data)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = args.out or Path("runs") / f"finetune-{Path(args.data).stem}-{stamp}"
     _refuse_a_used_folder(out)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    classes = args.classes  # a list of distinct names, or None
     splits = load_data(
         args.data,
         seed=cfg.seed,
@@ -238,20 +205,7 @@ def _train(run: Callable[[], Any], out: Path) -> int:
     return 0
 
 
-def check_train_resume(run_dir: Path, saved: dict[str, Any]) -> None:
-    """For ``reslab train --resume``: a fine-tuning run (its config.json, ``saved``, has a
-    ``finetune`` entry) has other optimiser groups, a freeze schedule and data options."""
-    if "finetune" in saved:
-        raise ValueError(
-            f"{run_dir} is a fine-tuning run (its optimiser groups, freeze schedule and data "
-            f"options come from reslab finetune): continue it with "
-            f"`reslab finetune --resume {run_dir}`"
-        )
-
-
 def _resume(args: argparse.Namespace) -> int:
-
-    from reslab.commands.train import resume_config
     from reslab.data import load_data
     from reslab.train.checkpoint import LATEST, load_checkpoint
     from reslab.transfer.finetune import resume_finetune

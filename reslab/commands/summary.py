@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
-from reslab.models import MODELS, ResNetConfig, create_model, list_models
+from reslab.commands.options import positive_int
+from reslab.models import MODELS, ResNetConfig, create_model, get_config, list_models
 from reslab.models.reference import PAPER
 from reslab.summary import format_summary, summarize
 
@@ -15,12 +17,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="a registered model name (see `reslab list`)")
     p.add_argument(
         "--input-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="image side in pixels (default: 224 for ImageNet stems, 32 for CIFAR)",
     )
-    p.add_argument("--num-classes", type=int, default=None)
-    p.add_argument("--in-channels", type=int, default=None)
+    p.add_argument("--num-classes", type=positive_int, default=None)
+    p.add_argument("--in-channels", type=positive_int, default=None)
     p.add_argument("--stride-in", choices=("1x1", "3x3"), default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_summary)
@@ -33,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_list)
 
 
-def default_input_size(name: str, **overrides: object) -> tuple[int, int, int]:
+def default_input_size(name: str, **overrides: Any) -> tuple[int, int, int]:
     cfg = MODELS[name]
     if isinstance(cfg, ResNetConfig):
         stem = overrides.get("stem", cfg.stem)
@@ -74,10 +76,11 @@ def model_table(pattern: str | None = None) -> str:
     for name in list_models(pattern):
         size = default_input_size(name)
         model = create_model(name)
+        depth = get_config(name).depth
         s = summarize(model, size, name=name)
         p_params, p_macs, source = PAPER.get(name, (None, None, ""))
         lines.append(
-            f"| `{name}` | {model.config.depth} | {'x'.join(map(str, size))} "
+            f"| `{name}` | {depth} | {'x'.join(map(str, size))} "
             f"| {s.params / 1e6:.2f} | {_fmt(p_params)} | {s.macs / 1e9:.2f} | {_fmt(p_macs)} "
             f"| {source} |"
         )

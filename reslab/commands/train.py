@@ -13,30 +13,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from reslab.commands.finetune import check_train_resume
+from reslab.commands.options import (
+    add_run_folder_options,
+    add_trainer_options,
+    check_train_resume,
+    nonnegative_int,
+    resume_config,
+    train_config,
+)
 from reslab.data import DataSplits, load_data
 from reslab.models import DenseConfig, build_model, get_config
-from reslab.train import PRESETS, TrainConfig, TrainingInterrupted, evaluate, fit
+from reslab.train import TrainConfig, TrainingInterrupted, evaluate, fit
 from reslab.train.checkpoint import find_checkpoint, load_checkpoint, load_model
-from reslab.train.config import COMPILE_MODES
+from reslab.train.config import DEVICES
 
 DEFAULT_MODEL = "cifar_resnet20"
-
-# flag -> TrainConfig field, applied only when given on the command line
-_OVERRIDES = {
-    "iters": "iters",
-    "epochs": "epochs",
-    "seed": "seed",
-    "device": "device",
-    "compile": "compile",
-    "compile_mode": "compile_mode",
-    "precision": "precision",
-    "batch_size": "batch_size",
-    "lr": "lr",
-    "sync_bn": "sync_bn",
-    "threads": "threads",
-    "eval_every": "eval_every",
-}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -53,46 +44,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "with train/ and test/",
     )
     p.add_argument(
-        "--recipe",
-        choices=list(PRESETS),
+        "--val-size",
+        type=nonnegative_int,
         default=None,
-        help="default: digits for --data digits, else paper",
+        help="images held out of train for validation (default 1/10)",
     )
-    length = p.add_mutually_exclusive_group()
-    length.add_argument("--iters", type=int, default=None, help="optimiser steps")
-    length.add_argument("--epochs", type=float, default=None, help="passes over the train split")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
-    p.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="torch.compile the model (the fast recipe does)",
-    )
-    p.add_argument(
-        "--compile-mode",
-        choices=COMPILE_MODES,
-        default=None,
-        help="torch.compile mode with --compile; reduce-overhead: CUDA graphs (small nets on GPU)",
-    )
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="global batch over all ranks")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
-    p.add_argument(
-        "--sync-bn", action=argparse.BooleanOptionalAction, default=None, help="DDP: SyncBatchNorm"
-    )
-    p.add_argument("--threads", type=int, default=None, help="CPU threads per process")
-    p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
-    p.add_argument("--val-size", type=int, default=None, help="held-out images (default 1/10)")
-    p.add_argument("--out", type=Path, default=None, help="run folder (default runs/NAME-TIME)")
-    p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR", help="continue a run")
+    add_run_folder_options(p, default_out="runs/MODEL-DATA-TIME")
+    add_trainer_options(p, command="train")
     p.set_defaults(func=run_train)
 
     p = sub.add_parser("eval", help="test accuracy, per-class accuracy, confusion matrix")
     p.add_argument("checkpoint", type=Path, metavar="RUN_DIR_OR_CHECKPOINT")
     p.add_argument("--data", default=None, help="default: the data the run was trained on")
     p.add_argument("--split", choices=("test", "val"), default="test")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument(
         "--flip",
         action=argparse.BooleanOptionalAction,
@@ -108,22 +73,14 @@ def _model_for(name: str, splits: DataSplits) -> nn.Module:
     base = get_config(name)
     if isinstance(base, DenseConfig):
         features = splits.in_channels * splits.image_size**2
-        cfg = dataclasses.replace(
-            base, widths=(features, *base.widths[1:]), num_classes=splits.num_classes
+        return build_model(
+            dataclasses.replace(
+                base, widths=(features, *base.widths[1:]), num_classes=splits.num_classes
+            )
         )
-    else:
-        cfg = dataclasses.replace(
-            base, in_channels=splits.in_channels, num_classes=splits.num_classes
-        )
-    return build_model(cfg)
-
-
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        field: getattr(args, flag)
-        for flag, field in _OVERRIDES.items()
-        if getattr(args, flag) is not None
-    }
+    return build_model(
+        dataclasses.replace(base, in_channels=splits.in_channels, num_classes=splits.num_classes)
+    )
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -131,8 +88,7 @@ def run_train(args: argparse.Namespace) -> int:
         return _resume(args)
     data = args.data or "digits"
     name = args.model or DEFAULT_MODEL
-    recipe = args.recipe or ("digits" if data == "digits" else "paper")
-    cfg = TrainConfig.preset(recipe, **_overrides(args))
+    cfg = train_config(args, command="train", data=data)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     splits = load_data(data, val_size=args.val_size, verbose=True)
@@ -145,25 +101,8 @@ def run_train(args: argparse.Namespace) -> int:
         out = Path("runs") / f"{name}-{splits.name.split('.')[0]}-{time.strftime('%Y%m%d-%H%M%S')}"
     info = {"model_name": name, "data_spec": data, "val_size": args.val_size}
     print(f"train {name} on {splits.name} ({len(splits.train)} train / {len(splits.val)} val / "
-          f"{len(splits.test)} test), recipe {recipe}, run folder {out}")  # fmt: skip
+          f"{len(splits.test)} test), recipe {cfg.recipe}, run folder {out}")  # fmt: skip
     return _fit(model, splits, cfg, out, info, resume=False)
-
-
-def resume_config(args: argparse.Namespace, run_dir: Path) -> tuple[dict[str, Any], TrainConfig]:
-    """A run folder's config.json and its trainer config with this command's flags applied (for
-    ``reslab train --resume`` and ``reslab finetune --resume``); sets the thread count."""
-    config_file = run_dir / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"not a run folder (no config.json): {run_dir}")
-    if getattr(args, "seed", None) is not None:  # the checkpoint's RNG states decide, not a seed
-        raise ValueError("--seed cannot be changed on --resume: the run continues its RNG states")
-    saved = json.loads(config_file.read_text())
-    cfg = TrainConfig.from_dict({**saved["train_config"], **_overrides(args)})
-    if args.epochs is not None:
-        cfg = dataclasses.replace(cfg, iters=None)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    return saved, cfg
 
 
 def _resume(args: argparse.Namespace) -> int:

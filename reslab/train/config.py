@@ -13,6 +13,7 @@ WARMUPS = ("none", "error", "auto")
 PRECISIONS = ("fp32", "bf16", "fp16")
 NORMALIZE = ("pixel", "channel")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+DEVICES = ("auto", "cpu", "cuda")  # and "cuda:N" for one GPU of several
 
 
 def _check(name: str, value: str, valid: tuple[str, ...]) -> None:
@@ -92,7 +93,7 @@ class TrainConfig:
             )
         if any(side < 1 for _, side in self.resolutions):
             raise ValueError(f"resolutions need sides >= 1 pixel: {self.resolutions}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise ValueError(f"unknown device {self.device!r}; valid choices: auto, cpu, cuda")
 
     def total_steps(self, train_size: int) -> int:

@@ -1,0 +1,257 @@
+"""The command line's shared options: every trainer flag, defined once, and the range checks of
+every number a user can type.
+
+``reslab train`` and ``reslab finetune`` add all trainer flags with :func:`add_trainer_options`
+and turn them into a :class:`~reslab.train.TrainConfig` with :func:`train_config` (or
+:func:`resume_config` for ``--resume``); ``reslab analyze`` adds the few its experiments take.
+Choices come from the config's own constants, so a new preset or precision needs no CLI edit.
+
+The validators are argparse ``type=`` callables: a bad value is one usage error naming the flag
+(exit status 2) before anything is read or written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Collection
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from reslab.train import PRESETS, TrainConfig
+from reslab.train.config import COMPILE_MODES, DEVICES, PRECISIONS
+
+__all__ = [
+    "DEFAULT_RECIPES",
+    "MAX_SEED",
+    "TRAINER_FLAGS",
+    "add_run_folder_options",
+    "add_trainer_options",
+    "check_train_resume",
+    "class_names",
+    "fraction",
+    "nonnegative_float",
+    "nonnegative_int",
+    "positive_float",
+    "positive_int",
+    "resume_config",
+    "seed",
+    "train_config",
+    "trainer_overrides",
+]
+
+T = TypeVar("T", int, float)
+
+# -- validators (argparse ``type=``) ---------------------------------------------------------------
+
+#: Largest seed accepted. torch.manual_seed takes [-2**63, 2**64 - 1] (negative seeds wrap to
+#: 2**64 + seed, a second name for the same stream); [0, 2**63 - 1] keeps one name per seed, fits
+#: a signed 64-bit integer wherever the run's config.json is read, and leaves room for the
+#: derived seeds (seed + 1, ...) some experiments draw.
+MAX_SEED = 2**63 - 1
+
+
+def _checked(
+    name: str, parse: Callable[[str], T], ok: Callable[[T], bool], kind: str, rule: str
+) -> Callable[[str], T]:
+    """The argparse type ``name``: ``parse`` the text, then require ``ok``; the messages say
+    ``kind`` and ``rule``."""
+
+    def check(text: str) -> T:
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {kind} {rule}, got {text!r}") from None
+        if not ok(value):  # NaN fails every comparison, so it never passes a range
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+
+    check.__name__ = check.__qualname__ = name
+    return check
+
+
+positive_int = _checked("positive_int", int, lambda v: v >= 1, "an integer", ">= 1")
+nonnegative_int = _checked("nonnegative_int", int, lambda v: v >= 0, "an integer", ">= 0")
+positive_float = _checked(
+    "positive_float", float, lambda v: 0 < v < math.inf, "a number", "> 0 and finite"
+)
+nonnegative_float = _checked(
+    "nonnegative_float", float, lambda v: 0 <= v < math.inf, "a number", ">= 0 and finite"
+)
+#: A share of something, such as the training images kept: 0 would keep nothing.
+fraction = _checked("fraction", float, lambda v: 0 < v <= 1, "a number", "in (0, 1]")
+seed = _checked("seed", int, lambda v: 0 <= v <= MAX_SEED, "an integer", "in [0, 2**63 - 1]")
+
+
+def class_names(text: str) -> list[str]:
+    """argparse type: comma-separated class names, each non-empty and named once."""
+    names = [name.strip() for name in text.split(",")]
+    if any(not name for name in names):
+        raise argparse.ArgumentTypeError(f"empty class name in {text!r}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"classes named more than once: {', '.join(repeated)}")
+    return names
+
+
+# -- trainer flags -------------------------------------------------------------------------------
+
+#: Every trainer flag's destination; each is the TrainConfig field it overrides when given
+#: (``recipe`` picks the preset the others override).
+TRAINER_FLAGS: tuple[str, ...] = (
+    "recipe",
+    "iters",
+    "epochs",
+    "seed",
+    "device",
+    "compile",
+    "compile_mode",
+    "precision",
+    "batch_size",
+    "lr",
+    "sync_bn",
+    "threads",
+    "eval_every",
+)
+
+#: The preset a command trains with when --recipe is not given and the data is not the digits
+#: (which always get the ``digits`` preset). ``reslab train`` is He et al.'s protocol; a
+#: fine-tuning run or an experiment is short, so the one-cycle ``fast`` recipe.
+DEFAULT_RECIPES: dict[str, str] = {"train": "paper", "finetune": "fast", "analyze": "fast"}
+
+
+def _trainer_flag_specs(command: str) -> dict[str, dict[str, Any]]:
+    recipe = DEFAULT_RECIPES[command]
+    finetune = command == "finetune"
+    return {
+        "recipe": {
+            "choices": tuple(PRESETS),
+            "help": f"the preset the other flags override (default: digits with --data digits, "
+            f"else {recipe})",
+        },
+        "iters": {"type": positive_int, "metavar": "STEPS", "help": "optimiser steps"},
+        "epochs": {"type": positive_float, "help": "passes over the training split"},
+        "seed": {
+            "type": seed,
+            "help": ("the new head's weights, the data split" if finetune else "initial weights")
+            + ", data order and augmentation (default: the recipe's, 0)",
+        },
+        "device": {"choices": DEVICES, "help": "default: auto (cuda when present)"},
+        "compile": {
+            "action": argparse.BooleanOptionalAction,
+            "help": "torch.compile the model (default: as the recipe)",
+        },
+        "compile_mode": {
+            "choices": COMPILE_MODES,
+            "help": "torch.compile mode with --compile; reduce-overhead: CUDA graphs (small nets "
+            "on a GPU)",
+        },
+        "precision": {
+            "choices": PRECISIONS,
+            "help": "autocast of forward and loss, weights stay fp32; bf16 is slower than fp32 "
+            "on CPUs without native bf16 (docs/training.md)",
+        },
+        "batch_size": {
+            "type": positive_int,
+            "help": "images per optimiser step, summed over all DDP ranks",
+        },
+        "lr": {
+            "type": positive_float,
+            "help": "peak learning rate"
+            + (" of the new head (pretrained layers: x --pretrained-lr-scale)" if finetune else ""),
+        },
+        "sync_bn": {
+            "action": argparse.BooleanOptionalAction,
+            "help": "DDP: BatchNorm statistics over the global batch",
+        },
+        "threads": {"type": positive_int, "help": "CPU threads per process"},
+        "eval_every": {
+            "type": nonnegative_int,
+            "metavar": "STEPS",
+            "help": "optimiser steps between evaluations and checkpoints; 0: once per epoch",
+        },
+    }
+
+
+def add_trainer_options(
+    parser: argparse.ArgumentParser,
+    *,
+    command: str,
+    only: Collection[str] = TRAINER_FLAGS,
+) -> None:
+    """Add the trainer flags (``only`` a subset) to ``parser``, all defaulting to None so that a
+    recipe's value stands unless the flag is given; ``command`` names the default recipe."""
+    unknown = set(only) - set(TRAINER_FLAGS)
+    if unknown:
+        raise ValueError(f"not trainer flags: {sorted(unknown)}; valid: {TRAINER_FLAGS}")
+    specs = _trainer_flag_specs(command)
+    group = parser.add_argument_group("trainer options", "override the recipe's values")
+    length = group.add_mutually_exclusive_group() if {"iters", "epochs"} <= set(only) else group
+    for dest in TRAINER_FLAGS:
+        if dest in only:
+            target = length if dest in ("iters", "epochs") else group
+            target.add_argument(f"--{dest.replace('_', '-')}", default=None, **specs[dest])
+
+
+def add_run_folder_options(parser: argparse.ArgumentParser, *, default_out: str) -> None:
+    """``--out`` (``default_out`` says where a run goes without it) and ``--resume``."""
+    parser.add_argument("--out", type=Path, help=f"run folder (default {default_out})")
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue an interrupted run from its latest checkpoint, bit-exactly, with the "
+        "options in its config.json (trainer flags such as --iters, --epochs, --threads or "
+        "--device, and --data for moved data, may be given)",
+    )
+
+
+def trainer_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The trainer flags given on the command line, as TrainConfig fields."""
+    return {
+        dest: getattr(args, dest)
+        for dest in TRAINER_FLAGS
+        if dest != "recipe" and getattr(args, dest, None) is not None
+    }
+
+
+def train_config(args: argparse.Namespace, *, command: str, data: str | None) -> TrainConfig:
+    """The recipe (``--recipe``, else the digits preset for the digits, else the command's
+    default) with the given trainer flags applied."""
+    recipe = args.recipe or ("digits" if data == "digits" else DEFAULT_RECIPES[command])
+    return TrainConfig.preset(recipe, **trainer_overrides(args))
+
+
+# -- --resume ------------------------------------------------------------------------------------
+
+
+def resume_config(args: argparse.Namespace, run_dir: Path) -> tuple[dict[str, Any], TrainConfig]:
+    """A run folder's config.json and its trainer config with this command's flags applied (for
+    ``reslab train --resume`` and ``reslab finetune --resume``); sets the thread count."""
+    config_file = run_dir / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"not a run folder (no config.json): {run_dir}")
+    if getattr(args, "seed", None) is not None:  # the checkpoint's RNG states decide, not a seed
+        raise ValueError("--seed cannot be changed on --resume: the run continues its RNG states")
+    saved = json.loads(config_file.read_text())
+    cfg = TrainConfig.from_dict({**saved["train_config"], **trainer_overrides(args)})
+    if args.epochs is not None:
+        cfg = dataclasses.replace(cfg, iters=None)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    return saved, cfg
+
+
+def check_train_resume(run_dir: Path, saved: dict[str, Any]) -> None:
+    """For ``reslab train --resume``: a fine-tuning run (its config.json, ``saved``, has a
+    ``finetune`` entry) has other optimiser groups, a freeze schedule and data options."""
+    if "finetune" in saved:
+        raise ValueError(
+            f"{run_dir} is a fine-tuning run (its optimiser groups, freeze schedule and data "
+            f"options come from reslab finetune): continue it with "
+            f"`reslab finetune --resume {run_dir}`"
+        )
