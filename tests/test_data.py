@@ -138,7 +138,7 @@ def test_cache_hit_and_invalidation(folder_zip, tmp_path: Path, monkeypatch) -> 
     first = load_data(str(path), cache_dir=cache)
     assert len(list(cache.glob("pets.zip.*.pt"))) == 1
 
-    def fail(p: Path) -> None:
+    def fail(p: Path, **options: object) -> None:
         raise AssertionError("decoded again despite a valid cache")
 
     monkeypatch.setattr(data_mod, "read_image_folder", fail)
@@ -157,7 +157,7 @@ def test_real_cifar10_reloads_from_the_cache(monkeypatch) -> None:
     measured by benchmarks/data_cache.py, not asserted here: tests carry no timings."""
     load_data(str(CIFAR_ZIP))  # decodes once (~15 s) if the cache is cold
 
-    def fail(p: Path) -> None:
+    def fail(p: Path, **options: object) -> None:
         raise AssertionError("decoded again despite a valid cache")
 
     monkeypatch.setattr(data_mod, "read_image_folder", fail)
