@@ -21,6 +21,7 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("eval", "reslab.commands.train"),
     ("finetune", "reslab.commands.finetune"),
     ("predict", "reslab.commands.finetune"),
+    ("data", "reslab.commands.data"),
 ]
 
 DEFAULT_COMMAND = ["train"]  # the README's main job: a small ResNet on the bundled digits

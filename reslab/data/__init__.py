@@ -143,8 +143,10 @@ def load_raw(
         for line in raw.notes:
             print(f"data: {line}")
         if raw.skipped:
-            print(f"data: skipped {len(raw.skipped)} unreadable image(s): "
-                  + "; ".join(f"{w} ({r})" for w, r in raw.skipped[:5]))  # fmt: skip
+            print(
+                f"data: skipped {len(raw.skipped)} unreadable image(s): "
+                + "; ".join(f"{w} ({r})" for w, r in raw.skipped[:5])
+            )
     return raw
 
 

@@ -89,7 +89,7 @@ def cache_path(path: Path, cache_dir: Path, *, kind: str = "pt", extra: str = ""
 def _crc(arrays: list[np.ndarray]) -> int:
     crc = 0
     for a in arrays:
-        crc = zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B"), crc)
+        crc = zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data, crc)
     return crc
 
 
@@ -122,10 +122,15 @@ def load_cached(file: Path) -> RawData | None:
         if _crc([d[k].numpy() for k in names]) != int(d["crc32"]):
             raise ValueError("checksum mismatch: the file was changed or damaged")
         return RawData(
-            *(d[k] for k in _TENSORS),
+            d["train_images"],
+            d["train_labels"],
+            d["test_images"],
+            d["test_labels"],
             list(d["classes"]),
             d.get("val_images"),
             d.get("val_labels"),
+            [(str(a), str(b)) for a, b in d.get("skipped", [])],
+            list(map(str, d.get("notes", []))),
         )
     except Exception as exc:  # a truncated or foreign file: decode again and overwrite it
         warn_cache(f"ignoring unusable data cache {file}: {exc}")
@@ -140,6 +145,8 @@ def save_cached(raw: RawData, file: Path) -> None:
         d["val_images"], d["val_labels"] = raw.val_images, raw.val_labels
     d["crc32"] = _crc([t.numpy() for t in d.values()])
     d["classes"] = raw.classes
+    d["skipped"] = [list(s) for s in raw.skipped]
+    d["notes"] = list(raw.notes)
     try:
         clean_stale_temp(file.parent)
         with atomic_path(file) as tmp:

@@ -45,10 +45,11 @@ _TORCHVISION_FORMATS = {"JPEG", "MPO", "PNG", "GIF", "WEBP"}
 class BadImageError(ValueError):
     """An image that cannot be used; the message names the file and says why."""
 
-    def __init__(self, where: str, reason: str) -> None:
-        super().__init__(f"cannot use image {where}: {reason}")
+    def __init__(self, where: str, reason: str | None = None) -> None:
+        # one argument: a whole message (how a DataLoader re-raises a worker's exception)
+        super().__init__(where if reason is None else f"cannot use image {where}: {reason}")
         self.where = where
-        self.reason = reason
+        self.reason = reason or ""
 
     def __reduce__(self) -> tuple[type, tuple[str, str]]:  # survives a DataLoader worker's pickle
         return (type(self), (self.where, self.reason))
@@ -178,12 +179,12 @@ def _decode_pil(data: bytes, channels: int, draft_side: int | None) -> Tensor:
                     "RGB" if channels == 3 else "L", (round(im.width * s), round(im.height * s))
                 )
             im.seek(0)  # the first frame of an animation
-            im = ImageOps.exif_transpose(im)
-            if im.mode.startswith("I;16") or im.mode in ("I", "F"):
-                a = np.asarray(im, dtype=np.float64)
-                scale = 255.0 / 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 1.0
-                im = Image.fromarray(np.clip(np.rint(a * scale), 0, 255).astype(np.uint8))
-            a = np.asarray(im.convert("RGB" if channels == 3 else "L"))
+            img: Image.Image = ImageOps.exif_transpose(im)
+            if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+                a = np.asarray(img, dtype=np.float64)
+                scale = 255.0 / 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 1.0
+                img = Image.fromarray(np.clip(np.rint(a * scale), 0, 255).astype(np.uint8))
+            a = np.asarray(img.convert("RGB" if channels == 3 else "L"))
     a = np.array(a, copy=True)  # writable, owned
     return torch.from_numpy(a).permute(2, 0, 1) if a.ndim == 3 else torch.from_numpy(a)[None]
 

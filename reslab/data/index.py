@@ -90,7 +90,7 @@ class SplitIndex:
     @classmethod
     def from_dict(cls, d: dict) -> SplitIndex:
         n = len(d["files"])
-        cols = {
+        cols: dict[str, np.ndarray] = {
             "labels": np.asarray(d["labels"], dtype=np.int64),
             "widths": np.asarray(d["widths"], dtype=np.int32),
             "heights": np.asarray(d["heights"], dtype=np.int32),

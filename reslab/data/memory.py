@@ -89,18 +89,23 @@ def decode_split(
     transform = None
     if size is not None:
         cfg = InputConfig(
-            channels=channels, size=(size, size), resize=size, mean=(0.5,) * channels,
+            channels=channels,
+            size=(size, size),
+            resize=size,
+            mean=(0.5,) * channels,
             std=(1.0,) * channels,
-        )  # fmt: skip
+        )
         transform = cfg.eval_transform()
 
     def one(i: int) -> Tensor | BadImageError:
         name = split.files[i]
         try:
-            data = index.store.read(name, limits.max_file_bytes, offset=int(split.offsets[i]),
-                                    size=int(split.nbytes[i]))  # fmt: skip
-            x = decode(data, index.store.where(name), channels=channels, limits=limits,
-                       min_side=size)  # fmt: skip
+            data = index.store.read(
+                name, limits.max_file_bytes, offset=int(split.offsets[i]), size=int(split.nbytes[i])
+            )
+            x = decode(
+                data, index.store.where(name), channels=channels, limits=limits, min_side=size
+            )
         except BadImageError as exc:
             if not skip_bad:
                 raise
@@ -148,9 +153,14 @@ def read_image_folder(
     skipped = list(index.skipped)
     for name, split in index.splits.items():
         x, y, bad = decode_split(
-            index, split, channels=channels, size=image_size, limits=limits, skip_bad=skip_bad,
+            index,
+            split,
+            channels=channels,
+            size=image_size,
+            limits=limits,
+            skip_bad=skip_bad,
             desc=f"decode {name}",
-        )  # fmt: skip
+        )
         out[name] = (x, y)
         skipped += bad
     val = out.get("val")

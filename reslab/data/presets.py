@@ -163,7 +163,7 @@ class InputConfig:
         return ClassificationPresetEval(self)
 
 
-class PCALighting(torch.nn.Module):
+class PCALighting:
     """AlexNet-style colour augmentation (Krizhevsky et al. 2012, §4.1): add to every pixel
     ``eigvec @ (alpha * eigval)``, alpha ~ N(0, ``std``) per image, in [0, 1] units. He et al.
     2015, §3.4 use it for ImageNet. torchvision and timm have no such transform, hence this one;
@@ -176,12 +176,13 @@ class PCALighting(torch.nn.Module):
         eigval: tuple[float, ...] = IMAGENET_EIGVAL,
         eigvec: tuple[tuple[float, ...], ...] = IMAGENET_EIGVEC,
     ) -> None:
-        super().__init__()
         self.std = std
-        self.register_buffer("eigval", torch.tensor(eigval), persistent=False)
-        self.register_buffer("eigvec", torch.tensor(eigvec), persistent=False)
+        self.eigval, self.eigvec = torch.tensor(eigval), torch.tensor(eigvec)
 
-    def forward(self, image: Tensor) -> Tensor:
+    def __repr__(self) -> str:
+        return f"PCALighting(std={self.std})"
+
+    def __call__(self, image: Tensor) -> Tensor:
         if self.std == 0 or image.shape[-3] != 3:
             return image
         alpha = torch.randn(3) * self.std
