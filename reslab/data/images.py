@@ -4,7 +4,7 @@ The header is read first (:func:`probe`): the declared size is checked against :
 before a single pixel is decoded, so a 9000x9000 PNG costs a few hundred bytes of reading, not
 243 MB of memory. Decoding uses torchvision's own decoders (libjpeg-turbo, libpng, libwebp, giflib)
 and falls back to Pillow only for the formats they lack (BMP, TIFF, PPM) and for reduced-size
-JPEG decoding (see :func:`decode`).
+JPEG decoding (see :func:`decode`), and for PNG (see ``_TORCHVISION_FORMATS``).
 """
 
 from __future__ import annotations
@@ -38,8 +38,11 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".ti
 warnings.filterwarnings(
     "ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated"
 )
-# formats torchvision.io.decode_image reads; the rest go through Pillow
-_TORCHVISION_FORMATS = {"JPEG", "MPO", "PNG", "GIF", "WEBP"}
+# formats decoded by torchvision.io.decode_image; the rest go through Pillow. Not PNG: torchvision's
+# PNG decoder (0.29) ends the whole process with a segmentation fault on damaged compressed data
+# (libpng's error longjmp), which no except clause can catch and which would kill a DataLoader
+# worker anonymously; Pillow raises an error instead (tests/test_data_sources.py damages one)
+_TORCHVISION_FORMATS = {"JPEG", "MPO", "GIF", "WEBP"}
 
 
 class BadImageError(ValueError):
@@ -164,6 +167,21 @@ def _to_uint8(t: Tensor) -> Tensor:
     return ((t.to(torch.int32) * 255 + 32767) // 65535).to(torch.uint8)
 
 
+def _to_channels(t: Tensor, channels: int) -> Tensor:
+    """torchvision's GIF decoder ignores the requested mode: convert as Pillow would."""
+    if t.shape[0] == channels:
+        return t
+    if t.shape[0] in (2, 4):  # grey + alpha, RGBA: drop alpha
+        t = t[:-1]
+    if channels == 3 and t.shape[0] == 1:
+        return t.expand(3, -1, -1).contiguous()
+    if channels == 1 and t.shape[0] == 3:
+        from torchvision.transforms.v2 import functional as F
+
+        return F.rgb_to_grayscale(t)
+    return t
+
+
 def _decode_pil(data: bytes, channels: int, draft_side: int | None) -> Tensor:
     """Pillow: BMP/TIFF/PPM, and JPEGs decoded at 1/2, 1/4 or 1/8 scale by ``draft``."""
     from PIL import Image, ImageOps
@@ -227,7 +245,7 @@ def decode(
             t = decode_image(buf, mode=mode, apply_exif_orientation=True)
             if t.ndim == 4:  # an animated GIF: (frames, C, H, W)
                 t = t[0]
-            return _to_uint8(t)
+            return _to_channels(_to_uint8(t), channels)
         return _decode_pil(data, channels, None)
     except BadImageError:
         raise
