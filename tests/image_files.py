@@ -21,7 +21,7 @@ def rgb(h: int, w: int, seed: int) -> np.ndarray:
     """A smooth random image: JPEG keeps it close, so lossy formats can be compared too."""
     rng = np.random.default_rng(seed)
     small = rng.integers(0, 256, (max(2, h // 8), max(2, w // 8), 3), dtype=np.uint8)
-    return np.asarray(Image.fromarray(small).resize((w, h), Image.BILINEAR))
+    return np.array(Image.fromarray(small).resize((w, h), Image.BILINEAR))
 
 
 def mixed_images(seed: int = 0) -> dict[str, bytes]:

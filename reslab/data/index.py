@@ -264,7 +264,7 @@ def _probe_chunk(
             h = probe(data, store.where(name), limits)
             out.append((h.width, h.height, len(data), None))
         except BadImageError as exc:
-            out.append((0, 0, 0, str(exc)))
+            out.append((0, 0, 0, exc.reason))
     return out
 
 
@@ -324,7 +324,7 @@ def _build(
     bad = [(names[i], r[3]) for i, r in enumerate(res) if r[3] is not None]
     if bad and not skip_bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise BadImageError(store.where(bad[0][0]), bad[0][1].split(": ", 1)[-1] + more) from None
+        raise BadImageError(store.where(bad[0][0]), f"{bad[0][1]}{more}") from None
     ok = np.asarray([r[3] is None for r in res], dtype=bool)
     cols = np.asarray([r[:3] for r in res], dtype=np.int64).reshape(-1, 3)
     splits = {}
@@ -352,7 +352,7 @@ def _build(
         )
     if "val" not in splits:
         notes.append("val: no val/ split in the source: taken from train/ by the loader")
-    skipped = [(store.where(n), r.split(": ", 1)[-1]) for n, r in bad]
+    skipped = [(store.where(n), str(r)) for n, r in bad]
     if skipped:
         warnings.warn(
             f"skipping {len(skipped)} unreadable image(s) in {root}, e.g. {skipped[0][0]}: "
