@@ -287,6 +287,7 @@ class StreamingBatches:
         device: torch.device | str | None = None,
         prefetch_factor: int = 4,
         by_shard: bool = True,
+        collate_fn: Callable[[list[tuple[Any, ...]]], Any] = collate_uint8,
     ) -> None:
         if rank is None or world_size is None:
             dist = torch.distributed
@@ -310,7 +311,7 @@ class StreamingBatches:
             dataset,
             batch_sampler=self.sampler,
             num_workers=num_workers,
-            collate_fn=collate_uint8,
+            collate_fn=collate_fn,
             pin_memory=pin,
             persistent_workers=num_workers > 0,
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
@@ -338,11 +339,15 @@ class StreamingBatches:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.sampler.load_state_dict(state)
 
+    def _finish(self, batch: Any) -> tuple[Tensor, Tensor, list[tuple[str, str]]]:
+        """What a collated batch becomes in the main process (subclasses decode on a GPU)."""
+        return batch
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         it = iter(self.loader)
         while True:
             try:
-                images, labels, bad = next(it)
+                images, labels, bad = self._finish(next(it))
             except StopIteration:
                 break
             except BadImageError as exc:
