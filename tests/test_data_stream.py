@@ -300,6 +300,45 @@ def test_presets_shapes_and_seeded_repeats() -> None:
     assert len({o.float().mean().item() for o in outs}) > 10
 
 
+def test_fast_random_resized_crop_follows_torchvision() -> None:
+    """The pixels of v2.functional.resized_crop (+ flip) at the drawn box, on the channels-last
+    views the decoders return and on contiguous images; boxes within the scale and ratio
+    ranges; the fallback as torchvision's; about half mirrored."""
+    import random
+
+    from torchvision.io import decode_jpeg
+    from torchvision.transforms.v2 import functional as F
+
+    from reslab.data import RandomResizedCropFlip
+
+    data = encode(Image.fromarray(rgb(350, 400, 2)), "JPEG", quality=90)
+    decoded = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    t = RandomResizedCropFlip([224, 224])
+    flips = 0
+    for img in (decoded, decoded.contiguous()):
+        for s in range(40):
+            top, left, h, w, flip = t.params(350, 400, random.Random(s))
+            assert 0.08 * 0.99 <= h * w / (350 * 400) <= 1.0 and 0.74 <= w / h <= 1.35
+            want = F.resized_crop(img, top, left, h, w, [224, 224], antialias=True)
+            want = F.horizontal_flip(want) if flip else want
+            rng = random.Random(s)
+            got = t.params(350, 400, rng)
+            assert got == (top, left, h, w, flip)
+            from reslab.data.presets import resized_crop_uint8
+
+            assert torch.equal(
+                resized_crop_uint8(img, (top, left, h, w), [224, 224], "bilinear", flip), want
+            )
+            flips += flip
+        torch.manual_seed(0)
+        a = t(img)
+        torch.manual_seed(0)
+        assert torch.equal(t(img), a) and a.shape == (3, 224, 224)
+    assert 20 < flips < 60
+    narrow = RandomResizedCropFlip([8, 8], scale=(0.99, 1.0))
+    assert narrow.params(10, 100, random.Random(0))[:4] == (0, 43, 10, 13)  # clamped to 4:3
+
+
 def test_pca_lighting_moves_colour_along_imagenet_components() -> None:
     from reslab.data import PCALighting
     from reslab.data.presets import IMAGENET_EIGVEC

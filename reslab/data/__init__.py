@@ -27,6 +27,7 @@ from reslab.data.presets import (
     ClassificationPresetTrain,
     InputConfig,
     PCALighting,
+    RandomResizedCropFlip,
 )
 from reslab.data.sources import RawData, read_cifar_python, read_digits
 
@@ -39,6 +40,7 @@ __all__ = [
     "Limits",
     "Normalize",
     "PCALighting",
+    "RandomResizedCropFlip",
     "RawData",
     "SourceIndex",
     "Split",

@@ -10,6 +10,7 @@ beats CPU workers on a given machine is for benchmarks/data_throughput.py to sho
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from reslab.data.images import BadImageError, decode
+from reslab.data.presets import RandomResizedCropFlip
 from reslab.data.stream import ImageDataset, StreamingBatches, sample_seed
 
 __all__ = ["EncodedDataset", "GpuDecodeBatches", "crop_resize_flip", "gpu_decode_available"]
@@ -30,9 +32,8 @@ def gpu_decode_available() -> bool:
 class EncodedDataset(ImageDataset):
     """Item ``(epoch, i)``: ``(encoded bytes (uint8 1-D), label, box (top, left, h, w), flip)``.
 
-    The box is RandomResizedCrop's, drawn with torchvision's own parameter sampling from the
-    image size the index holds (no decode needed), with the same per-sample seed as the CPU
-    path; ``flip`` with probability ``hflip``.
+    The box and flip are :class:`RandomResizedCropFlip`'s, drawn from the image size the index
+    holds (no decode needed) with the same per-sample seed as the CPU path.
     """
 
     def __init__(
@@ -48,18 +49,15 @@ class EncodedDataset(ImageDataset):
         s = kwargs.get("split", args[1] if len(args) > 1 else "train")
         s = index.split(s) if isinstance(s, str) else s
         self.widths, self.heights = s.widths.copy(), s.heights.copy()
-        self.scale, self.ratio, self.hflip = scale, ratio, hflip
+        self._crop = RandomResizedCropFlip([1, 1], scale=scale, ratio=ratio, hflip=hflip)
 
     def params(self, epoch: int, i: int) -> tuple[tuple[int, int, int, int], bool]:
-        from torchvision.transforms import RandomResizedCrop
-
         h, w = int(self.heights[i]), int(self.widths[i])
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, i))
-            shape_only = torch.empty(1, 1, 1).expand(1, h, w)
-            box = RandomResizedCrop.get_params(shape_only, list(self.scale), list(self.ratio))
-            flip = bool(torch.rand(1) < self.hflip)
-        return (int(box[0]), int(box[1]), int(box[2]), int(box[3])), flip
+            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, i))
+            rng = random.Random(int(torch.randint(0, 2**62, (1,))))  # as RandomResizedCropFlip
+        top, left, bh, bw, flip = self._crop.params(h, w, rng)
+        return (top, left, bh, bw), flip
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, ...]:
         epoch, i = key if isinstance(key, tuple) else (0, key)

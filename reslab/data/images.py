@@ -88,7 +88,7 @@ class ImageHeader:
     height: int
 
 
-def read_bounded(path: Path, limit: int, where: str | None = None) -> bytes:
+def read_bounded(path: str | Path, limit: int, where: str | None = None) -> bytes:
     """The bytes of a regular file of at most ``limit`` bytes (a FIFO or device would block or
     never end; an oversized file is refused before it is read)."""
     where = where or str(path)
@@ -125,9 +125,13 @@ def _tail_ok(fmt: str, data: bytes) -> str | None:
     return None
 
 
-def probe(data: bytes, where: str, limits: Limits = DEFAULT_LIMITS) -> ImageHeader:
+def probe(
+    data: bytes, where: str, limits: Limits = DEFAULT_LIMITS, *, orientation: bool = True
+) -> ImageHeader:
     """Read the header only: the format, the declared size (checked against ``limits``) and
-    whether the file is complete. Raises :class:`BadImageError` naming ``where``."""
+    whether the file is complete. Raises :class:`BadImageError` naming ``where``. The size is
+    the displayed one (EXIF rotation applied) unless ``orientation=False``, which skips parsing
+    the EXIF block (the decoders still apply it; the decoder's own check needs no more)."""
     from PIL import Image, UnidentifiedImageError
 
     if len(data) > limits.max_file_bytes:
@@ -137,7 +141,8 @@ def probe(data: bytes, where: str, limits: Limits = DEFAULT_LIMITS) -> ImageHead
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
                 fmt, mode, (w, h) = str(im.format), im.mode, im.size
-                orientation = im.getexif().get(0x0112, 1) if fmt in ("JPEG", "MPO", "WEBP") else 1
+                turn = orientation and fmt in ("JPEG", "MPO", "WEBP")
+                rotation = im.getexif().get(0x0112, 1) if turn else 1
     except UnidentifiedImageError:
         raise BadImageError(where, "not an image Pillow or torchvision can read") from None
     except Image.DecompressionBombError as exc:  # Pillow's own guard, above 2 x 89 MP
@@ -155,7 +160,7 @@ def probe(data: bytes, where: str, limits: Limits = DEFAULT_LIMITS) -> ImageHead
     reason = _tail_ok(fmt, data)
     if reason:
         raise BadImageError(where, reason)
-    if orientation in (5, 6, 7, 8):  # EXIF rotations by 90 degrees swap width and height
+    if rotation in (5, 6, 7, 8):  # EXIF rotations by 90 degrees swap width and height
         w, h = h, w
     return ImageHeader(fmt, mode, w, h)
 
@@ -229,7 +234,8 @@ def decode(
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
-    header = header or probe(data, where, limits)
+    # the size check before decoding; the shorter side (for draft) is the same either way round
+    header = header or probe(data, where, limits, orientation=False)
     try:
         if (
             min_side is not None

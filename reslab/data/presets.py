@@ -12,6 +12,7 @@ on the training device on whole uint8 batches (:meth:`InputConfig.normalizer`).
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -31,6 +32,7 @@ __all__ = [
     "ClassificationPresetTrain",
     "InputConfig",
     "PCALighting",
+    "RandomResizedCropFlip",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's and timm's ImageNet weights
@@ -191,6 +193,82 @@ class PCALighting:
         return out.round_().clamp_(0, 255).to(image.dtype)
 
 
+class RandomResizedCropFlip:
+    """torchvision's ``RandomResizedCrop`` + ``RandomHorizontalFlip`` (the same algorithm: up to
+    10 draws of area share in ``scale`` and log-uniform aspect in ``ratio``, else the centre crop
+    clamped to ``ratio``; then a mirror with probability ``hflip``), 3x faster on decoded uint8
+    images, which matters because it is the largest cost after decoding.
+
+    Why not v2's own: ``v2.functional.resized_crop`` first makes the image contiguous (C, H, W),
+    while torchvision's decoders return a channels-last view, on which PyTorch's antialiased
+    bilinear resize has a vectorised uint8 kernel (0.7 ms instead of 1.7 ms for a 400x350
+    photo); and its parameter draws are eight small torch calls (0.4 ms), here one torch draw
+    seeds a Python RNG. Other interpolations resize through v2.
+    """
+
+    def __init__(
+        self,
+        size: list[int],
+        *,
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        interpolation: str = "bilinear",
+        hflip: float = 0.5,
+    ) -> None:
+        self.size, self.scale, self.ratio, self.hflip = list(size), scale, ratio, hflip
+        self.interpolation = interpolation
+        self._log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+
+    def __repr__(self) -> str:
+        return f"RandomResizedCropFlip(size={self.size}, scale={self.scale}, hflip={self.hflip})"
+
+    def params(
+        self, height: int, width: int, rng: random.Random
+    ) -> tuple[int, int, int, int, bool]:
+        """(top, left, h, w, flip), as torchvision's ``RandomResizedCrop.get_params``."""
+        area = height * width
+        for _ in range(10):
+            target = area * rng.uniform(*self.scale)
+            aspect = math.exp(rng.uniform(*self._log_ratio))
+            w = round(math.sqrt(target * aspect))
+            h = round(math.sqrt(target / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                top, left = rng.randint(0, height - h), rng.randint(0, width - w)
+                return top, left, h, w, rng.random() < self.hflip
+        in_ratio = width / height  # fallback: the whole image, clamped to the ratio range
+        if in_ratio < min(self.ratio):
+            w, h = width, round(width / min(self.ratio))
+        elif in_ratio > max(self.ratio):
+            h, w = height, round(height * max(self.ratio))
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w, rng.random() < self.hflip
+
+    def __call__(self, image: Tensor) -> Tensor:
+        # one draw from torch's RNG, so the seeded worker state decides everything
+        rng = random.Random(int(torch.randint(0, 2**62, (1,))))
+        top, left, h, w, flip = self.params(image.shape[-2], image.shape[-1], rng)
+        return resized_crop_uint8(image, (top, left, h, w), self.size, self.interpolation, flip)
+
+
+def resized_crop_uint8(
+    image: Tensor, box: tuple[int, int, int, int], size: list[int], interpolation: str, flip: bool
+) -> Tensor:
+    """The ``box`` (top, left, h, w) of ``image`` resized to ``size`` (antialiased), mirrored if
+    ``flip``: equal to ``v2.functional.resized_crop`` (+ ``horizontal_flip``)."""
+    top, left, h, w = box
+    crop = image[..., top : top + h, left : left + w]
+    if interpolation == "bilinear" and image.dtype == torch.uint8 and image.ndim == 3:
+        out = torch.nn.functional.interpolate(
+            crop[None], size=size, mode="bilinear", antialias=True, align_corners=False
+        )[0]
+    else:
+        from torchvision.transforms.v2 import functional as F
+
+        out = F.resize(crop, size, interpolation=_interp(interpolation), antialias=True)
+    return out.flip(-1) if flip else out
+
+
 class ClassificationPresetEval:
     """Resize the shorter side + centre crop (or straight resize), on uint8 (C, H, W)."""
 
@@ -254,10 +332,11 @@ class ClassificationPresetTrain:
         steps: list[Callable[[Tensor], Tensor]]
         if recipe == "photo":
             steps = [
-                v2.RandomResizedCrop(
-                    size, scale=scale, ratio=ratio, interpolation=interp, antialias=True
+                RandomResizedCropFlip(
+                    size, scale=scale, ratio=ratio, interpolation=cfg.interpolation, hflip=hflip
                 )
             ]
+            hflip = 0  # the flip is part of RandomResizedCropFlip
             # the smallest crop (area scale[0]) keeps full resolution from this shorter side on
             self._min_side = math.ceil(max(size) / math.sqrt(scale[0]))
         elif recipe == "cifar":

@@ -36,15 +36,14 @@ class FileStore:
 
     def where(self, name: str) -> str:
         """The file's name in messages: a path, or ``archive:member``."""
-        if self.kind == "dir":
-            return str(Path(self.root) / name)
-        return f"{self.root}:{name}" if self.kind == "zip" else str(Path(self.root) / name)
+        # os.path, not pathlib: this runs for every image read (pathlib's parsing cost 0.1 ms)
+        return f"{self.root}:{name}" if self.kind == "zip" else os.path.join(self.root, name)
 
     def read(self, name: str, limit: int, *, offset: int = -1, size: int = -1) -> bytes:
         """The bytes of one image (at most ``limit``); errors name the file."""
         where = self.where(name)
         if self.kind == "dir":
-            return read_bounded(Path(self.root) / name, limit, where)
+            return read_bounded(where, limit, where)
         if self.kind == "zip":
             return self._read_zip(name, limit, where)
         if self.kind == "shards":
