@@ -124,6 +124,15 @@ def bare_loader(root: Path, workers: int, batch: int):  # type: ignore[no-untype
     )
 
 
+def _ms(fn, reps: int) -> float:  # type: ignore[no-untyped-def]
+    """Milliseconds per call, after one warm-up call."""
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps * 1e3
+
+
 def draft_vs_full(tmp: Path) -> dict:
     """Large photos to a 256-px shorter side: reduced-size JPEG decode (DCT scaling) vs
     torchvision's full decode + resize, single thread, ms per image."""
@@ -143,16 +152,9 @@ def draft_vs_full(tmp: Path) -> dict:
         t = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         reps = max(5, int(2e8 // (w * h)))
 
-        def timed(fn) -> float:  # type: ignore[no-untyped-def]
-            fn()
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            return (time.perf_counter() - t0) / reps * 1e3
-
-        full = timed(lambda t=t: F.resize(decode_jpeg(t), [256], antialias=True))
-        reduced = timed(
-            lambda d=data: F.resize(decode(d, "x", min_side=256), [256], antialias=True)
+        full = _ms(lambda t=t: F.resize(decode_jpeg(t), [256], antialias=True), reps)
+        reduced = _ms(
+            lambda d=data: F.resize(decode(d, "x", min_side=256), [256], antialias=True), reps
         )
         out[f"{w}x{h}"] = {
             "full_decode_resize_ms": full,

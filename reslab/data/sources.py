@@ -179,16 +179,24 @@ def read_cifar_python(path: Path) -> RawData:
         if name not in files:
             raise FileNotFoundError(f"CIFAR file {name!r} missing in {path}")
 
-    def read(names: list[str]) -> tuple[Tensor, Tensor]:
-        parts = [
-            _cifar_arrays(_unpickle(files[n][1], files[n][0]), files[n][0], label_key)
-            for n in names
-        ]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-
     where, data = files[meta_name]
     meta = _unpickle(data, where)
     classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta.get(names_key, [])]
+
+    def read(names: list[str]) -> tuple[Tensor, Tensor]:
+        parts = []
+        for n in names:
+            x, y = _cifar_arrays(_unpickle(files[n][1], files[n][0]), files[n][0], label_key)
+            bad = (y < 0) | (y >= len(classes)) if classes else y < 0
+            if bool(bad.any()):  # would crash the loss at step 0, or train a phantom class
+                k = int(bad.nonzero()[0, 0])
+                raise ValueError(
+                    f"corrupt CIFAR batch file {files[n][0]}: label {int(y[k])} of "
+                    f"image {k} is outside the {len(classes)} class names"
+                )
+            parts.append((x, y))
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
     tr_x, tr_y = read(train_names)
     te_x, te_y = read(test_names)
     return RawData(tr_x, tr_y, te_x, te_y, classes)
