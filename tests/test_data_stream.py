@@ -369,5 +369,6 @@ def test_data_cli_info_and_pack(photos: Path, tmp_path: Path, capsys, monkeypatc
     (photos / "train" / "a" / "cut.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     assert main(["data", "info", str(photos)]) == 2
     assert "cut.jpg" in capsys.readouterr().err
-    assert main(["data", "info", str(photos), "--skip-bad"]) == 0
+    with pytest.warns(UserWarning, match="skipping 1 unreadable"):
+        assert main(["data", "info", str(photos), "--skip-bad"]) == 0
     assert "skipped 1 unreadable" in capsys.readouterr().out

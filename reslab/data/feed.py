@@ -19,7 +19,7 @@ from torch import Tensor
 from reslab.data.augment import random_crop_flip
 from reslab.data.index import SourceIndex
 from reslab.data.memory import memory_budget
-from reslab.data.stream import ResumableSampler, sample_seed
+from reslab.data.stream import BatchPosition, ResumableSampler, rank_and_world, sample_seed
 
 __all__ = ["LOADERS", "InMemoryBatches", "LoaderChoice", "TrainingBatches", "choose_loader"]
 
@@ -103,7 +103,7 @@ def pad_crop_flip(
     return augment
 
 
-class InMemoryBatches:
+class InMemoryBatches(BatchPosition):
     """Training batches from uint8 tensors held in memory (on ``device`` once, up front).
 
     Epoch order as the streaming path's (:class:`ResumableSampler`, disjoint parts under DDP);
@@ -130,11 +130,7 @@ class InMemoryBatches:
                 f"need uint8 (N, C, H, W) images and N labels, got "
                 f"{tuple(images.shape)} {images.dtype}, {tuple(labels.shape)}"
             )
-        if rank is None or world_size is None:
-            dist = torch.distributed
-            ready = dist.is_available() and dist.is_initialized()
-            rank = dist.get_rank() if ready else 0
-            world_size = dist.get_world_size() if ready else 1
+        rank, world_size = rank_and_world(rank, world_size)
         self.device = torch.device(device) if device is not None else images.device
         self.images, self.labels = images.to(self.device), labels.to(self.device)
         self.augment = augment
@@ -147,21 +143,6 @@ class InMemoryBatches:
             rank=rank,
             world_size=world_size,
         )
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-
-    def seek(self, step: int) -> None:
-        self.sampler.epoch, self.sampler.batch = divmod(step, len(self))
-
-    def state_dict(self) -> dict[str, int]:
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.sampler.load_state_dict(state)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         for batch in self.sampler:

@@ -20,14 +20,14 @@ import warnings
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 
 from reslab.data.cache import cache_path, clean_stale_temp, default_cache_dir, warn_cache
-from reslab.data.images import DEFAULT_LIMITS, IMAGE_SUFFIXES, BadImageError, Limits, probe
-from reslab.data.lists import SPLITS, read_list
-from reslab.data.store import FileStore, open_zip
+from reslab.data.images import DEFAULT_LIMITS, BadImageError, Limits, probe
+from reslab.data.lists import SPLITS, list_layout, list_tree, tree_layout
+from reslab.data.store import FileStore
 
 __all__ = [
     "HOLDOUT_FRACTION",
@@ -181,75 +181,6 @@ def carve(
     mask = np.zeros(n, dtype=bool)
     mask[out] = True
     return split.take(np.flatnonzero(~mask)), split.take(np.flatnonzero(mask))
-
-
-# -- listing ------------------------------------------------------------------------------------
-def _is_image(rel: PurePosixPath) -> bool:
-    """An image by its suffix, except macOS Finder metadata (``__MACOSX/``, ``._*`` AppleDouble
-    files), which carries image suffixes but is not an image."""
-    return (
-        rel.suffix.lower() in IMAGE_SUFFIXES
-        and "__MACOSX" not in rel.parts
-        and not rel.name.startswith("._")
-    )
-
-
-def _list_tree(path: Path) -> tuple[FileStore, list[tuple[PurePosixPath, str]]]:
-    """(store, [(relative path, name to read)]) of every image below a directory or in a zip. The
-    name to read is the zip member's name as stored; the relative path is normalised
-    (``./train/a.png`` -> ``train/a.png``) and may not open it."""
-    if path.is_dir():
-        out = []
-        for root, dirs, files in os.walk(path):
-            dirs.sort()
-            for f in sorted(files):
-                full = Path(root) / f
-                rel = PurePosixPath(full.relative_to(path).as_posix())
-                if _is_image(rel):
-                    out.append((rel, rel.as_posix()))
-        return FileStore(str(path), "dir"), out
-    with open_zip(path) as zf:
-        names = sorted(zf.namelist())
-    out = [(PurePosixPath(n), n) for n in names if _is_image(PurePosixPath(n))]
-    return FileStore(str(path), "zip"), out
-
-
-def _tree_layout(
-    files: list[tuple[PurePosixPath, str]], root: Path
-) -> dict[str, dict[str, list[str]]]:
-    """{split: {class: [names]}} from ``[top/]split/<class>/<file>`` paths."""
-    layout: dict[str, dict[str, list[str]]] = {s: {} for s in SPLITS}
-    nested = []  # split/class/.../file: not read, so not silently dropped either
-    for rel, name in files:
-        parts = rel.parts
-        for i, p in enumerate(parts[:-2]):
-            if p in layout and len(parts) - i == 3:  # split/class/file
-                layout[p].setdefault(parts[i + 1], []).append(name)
-                break
-        else:
-            if any(p in layout for p in parts[:-3]):
-                nested.append(rel)
-    if nested:
-        raise ValueError(
-            f"{root}: {len(nested)} image(s) sit below a class folder, e.g. {nested[0]}; images "
-            "must be directly in [top/]train/<class>/ (and val/<class>/, test/<class>/)"
-        )
-    if not layout["train"]:
-        raise ValueError(
-            f"{root}: no images found under a 'train/<class>/' folder (expected "
-            "[top/]train/<class>/*.jpg, with val/<class>/ and/or test/<class>/ beside it)"
-        )
-    return layout
-
-
-def _list_layout(path: Path) -> tuple[FileStore, dict[str, dict[str, list[str]]]]:
-    paths, labels, splits = read_list(path)
-    layout: dict[str, dict[str, list[str]]] = {s: {} for s in SPLITS}
-    for p, lab, s in zip(paths, labels, splits, strict=True):
-        layout[s or "train"].setdefault(lab, []).append(p)
-    if not layout["train"]:
-        raise ValueError(f"{path}: no rows of the train split")
-    return FileStore(str(path.parent), "dir"), layout
 
 
 # -- probing ------------------------------------------------------------------------------------
@@ -433,10 +364,10 @@ def index_source(
     if cached is not None:
         return cached
     if kind == "list":
-        store, layout = _list_layout(path)
+        store, layout = list_layout(path)
     else:
-        store, files = _list_tree(path)
-        layout = _tree_layout(files, path)
+        store, files = list_tree(path)
+        layout = tree_layout(files, path)
     idx = _build(
         store,
         layout,

@@ -25,6 +25,7 @@ from reslab.data.images import DEFAULT_LIMITS, BadImageError, Limits, decode
 from reslab.data.index import SourceIndex, SplitIndex
 
 __all__ = [
+    "BatchPosition",
     "ImageDataset",
     "ResumableSampler",
     "StreamingBatches",
@@ -267,7 +268,46 @@ def _clean(exc: BadImageError) -> BadImageError:
     return BadImageError(last.split("BadImageError: ", 1)[-1])
 
 
-class StreamingBatches:
+def rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """The given rank and world size, else torch.distributed's when it is initialised, else
+    (0, 1)."""
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    dist = torch.distributed
+    ready = dist.is_available() and dist.is_initialized()
+    return (dist.get_rank(), dist.get_world_size()) if ready else (0, 1)
+
+
+class BatchPosition:
+    """The position methods of training batches, held by ``self.sampler``
+    (a :class:`ResumableSampler`)."""
+
+    sampler: ResumableSampler
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        return len(self.sampler)
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def seek(self, step: int) -> None:
+        """Position at global step ``step`` (epoch ``step // len``, batch ``step % len``)."""
+        self.sampler.epoch, self.sampler.batch = divmod(step, len(self))
+
+    def state_dict(self) -> dict[str, int]:
+        """The position: the next batch to yield, with what it is valid for."""
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.load_state_dict(state)
+
+
+class StreamingBatches(BatchPosition):
     """The training batches of a streamed split: iterate for this epoch's remaining batches of
     ``(uint8 images (N, C, H, W), int64 labels)`` on ``device``.
 
@@ -293,11 +333,7 @@ class StreamingBatches:
         by_shard: bool = True,
         collate_fn: Callable[[list[tuple[Any, ...]]], Any] = collate_uint8,
     ) -> None:
-        if rank is None or world_size is None:
-            dist = torch.distributed
-            ready = dist.is_available() and dist.is_initialized()
-            rank = dist.get_rank() if ready else 0
-            world_size = dist.get_world_size() if ready else 1
+        rank, world_size = rank_and_world(rank, world_size)
         self.dataset = dataset
         self.device = torch.device(device) if device is not None else None
         self.sampler = ResumableSampler(
@@ -322,26 +358,6 @@ class StreamingBatches:
         )
         self.skipped: list[tuple[str, str]] = []
         self._seen: set[str] = set()
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    @property
-    def epoch(self) -> int:
-        return self.sampler.epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-
-    def seek(self, step: int) -> None:
-        """Position at global step ``step`` (epoch ``step // len``, batch ``step % len``)."""
-        self.sampler.epoch, self.sampler.batch = divmod(step, len(self))
-
-    def state_dict(self) -> dict[str, int]:
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.sampler.load_state_dict(state)
 
     def _finish(self, batch: Any) -> tuple[Tensor, Tensor, list[tuple[str, str]]]:
         """What a collated batch becomes in the main process (subclasses decode on a GPU)."""
