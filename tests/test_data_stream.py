@@ -170,6 +170,25 @@ def test_in_memory_batches_share_the_interface() -> None:
     assert all(torch.equal(p[0], q[0]) for p, q in zip(rest, first[3:], strict=True))
 
 
+def test_streaming_splits_follow_load_data_rules(
+    numbered: Path, photos: Path, tmp_path: Path
+) -> None:
+    from reslab.data.feed import streaming_splits
+
+    idx = index_source(numbered, cache_dir=tmp_path)
+    splits, notes = streaming_splits(idx, val_size=9, seed=1)
+    assert len(splits["val"]) == 9 and len(splits["train"]) == 51 and len(splits["test"]) == 3
+    assert sorted(splits["val"].labels.tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # stratified
+    assert not set(splits["val"].files) & set(splits["train"].files)
+    assert any("seed 1" in n for n in notes)
+    again, _ = streaming_splits(idx, val_size=9, seed=2)
+    assert again["val"].files != splits["val"].files
+    own, _ = streaming_splits(index_source(photos, cache_dir=tmp_path), val_size=5)
+    assert len(own["val"]) == 2  # the folder's own val/: nothing held out
+    ds = ImageDataset(idx, splits["val"])
+    assert len(ds) == 9
+
+
 def test_choose_loader_says_why(numbered: Path, photos: Path, tmp_path: Path) -> None:
     small = index_source(numbered, cache_dir=tmp_path)
     c = choose_loader(small)

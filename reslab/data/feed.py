@@ -17,11 +17,18 @@ import torch
 from torch import Tensor
 
 from reslab.data.augment import random_crop_flip
-from reslab.data.index import SourceIndex
+from reslab.data.index import SourceIndex, SplitIndex, carve
 from reslab.data.memory import memory_budget
 from reslab.data.stream import BatchPosition, ResumableSampler, rank_and_world, sample_seed
 
-__all__ = ["LOADERS", "InMemoryBatches", "LoaderChoice", "TrainingBatches", "choose_loader"]
+__all__ = [
+    "LOADERS",
+    "InMemoryBatches",
+    "LoaderChoice",
+    "TrainingBatches",
+    "choose_loader",
+    "streaming_splits",
+]
 
 LOADERS = ("auto", "memory", "stream")
 # the in-memory path serves small images: above this side, photos want RandomResizedCrop at the
@@ -90,6 +97,24 @@ def choose_loader(
     if problems:
         return LoaderChoice("stream", f"{sizes}: " + "; ".join(problems))
     return LoaderChoice("memory", f"{sizes}, {need / 2**20:.0f} MiB decoded: fits in memory")
+
+
+def streaming_splits(
+    index: SourceIndex, *, val_size: int | None = None, seed: int = 0
+) -> tuple[dict[str, SplitIndex], list[str]]:
+    """({"train", "val", "test": SplitIndex}, notes) for the streaming path, with
+    :func:`reslab.data.load_data`'s rules: the source's own val/ as validation, else ``val_size``
+    images (default a tenth) held out of train/ with ``seed`` (stratified by class here)."""
+    splits = dict(index.splits)
+    notes = [n for n in index.notes if not n.startswith("val:")]
+    if "val" not in splits:
+        train = splits["train"]
+        n_val = len(train) // 10 if val_size is None else val_size
+        if not 0 <= n_val < len(train):
+            raise ValueError(f"val_size must be in [0, {len(train)}), got {n_val}")
+        splits["train"], splits["val"] = carve(train, size=n_val, seed=seed)
+        notes.append(f"val: {n_val} images held out of train/ per class (seed {seed})")
+    return splits, notes
 
 
 def pad_crop_flip(
