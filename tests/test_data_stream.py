@@ -229,6 +229,8 @@ def test_pack_round_trip_resume_and_tar_layout(photos: Path, tmp_path: Path) -> 
     assert int(train.labels[first]) == label
     before = {p: p.stat().st_mtime_ns for p in shards}
     shards[1].unlink()  # as if interrupted before this shard was written
+    killed = dest / ".train-000001.tar.999999999.tmp"  # what kill -9 mid-write leaves
+    killed.write_bytes(b"half a shard")
     pack(photos, dest, cfg, workers=1, cache_dir=tmp_path / "c", progress=False)
     after = {p: p.stat().st_mtime_ns for p in sorted(dest.glob("train-*.tar"))}
     assert [p for p in after if after[p] != before.get(p)] == [shards[1]]  # only it was redone

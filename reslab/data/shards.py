@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from reslab._io import atomic_path
+from reslab.data.cache import clean_stale_temp
 from reslab.data.images import DEFAULT_LIMITS, BadImageError, Limits, decode, probe
 from reslab.data.index import SourceIndex, SplitIndex, index_source
 from reslab.data.store import FileStore
@@ -161,6 +162,7 @@ def pack(
     )
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
+    clean_stale_temp(dest)  # half-written shards of a run that was killed (kill -9, power loss)
     settings = {"format": FORMAT_VERSION, "source": str(Path(src).resolve()), **asdict(cfg)}
     old = dest / MANIFEST
     if old.exists() and json.loads(old.read_text()).get("settings") != settings:
