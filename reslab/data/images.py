@@ -76,6 +76,7 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+DRAFT_FROM = 4  # reduced-size JPEG decoding from this ratio of shorter side to need (decode())
 
 
 @dataclass(frozen=True)
@@ -225,12 +226,12 @@ def decode(
     converted to ``channels`` (1 or 3; alpha is dropped as Pillow's ``convert`` does), EXIF
     orientation is applied, an animation gives its first frame.
 
-    ``min_side``: the shortest side the caller needs. A JPEG whose shorter side is at least twice
-    that is decoded at reduced size by libjpeg's DCT scaling (Pillow's ``draft``), which skips
-    most of the inverse DCT: measured 3x faster than torchvision's full decode + resize for a
-    4000x3000 photo to 256 px, 1.5x at 1600x1200 (benchmarks/data_throughput.py records the
-    figures). Below that no scaling applies and torchvision's decoder is the faster one (2x
-    Pillow's at 400x350), so it is used.
+    ``min_side``: the shortest side the caller needs. A JPEG whose shorter side is at least four
+    times that is decoded at 1/4 or 1/8 scale by libjpeg's DCT scaling (Pillow's ``draft``),
+    which skips most of the inverse DCT. benchmarks/data_throughput.py, two runs, to a 256-px
+    shorter side: 1.5x and 1.8x faster than torchvision's full decode + resize at 1600x1200 (1/4),
+    3.0x and 3.7x at 4000x3000 (1/8); at 1/2 scale (800x600) the two were even (1.07x, 0.91x),
+    so no scaling is used there and torchvision's decoder (2x Pillow's at 400x350) decodes.
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
@@ -240,7 +241,7 @@ def decode(
         if (
             min_side is not None
             and header.format == "JPEG"
-            and min(header.width, header.height) >= 2 * min_side
+            and min(header.width, header.height) >= DRAFT_FROM * min_side
         ):
             return _decode_pil(data, channels, min_side)
         if header.format in _TORCHVISION_FORMATS:
