@@ -23,6 +23,7 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("eval", "reslab.commands.train"),
     ("finetune", "reslab.commands.finetune"),
     ("predict", "reslab.commands.finetune"),
+    ("data", "reslab.commands.data"),
 ]
 
 # exit status 128 + SIGPIPE (141), as for any program a closed pipe stops

@@ -138,7 +138,7 @@ def test_cache_hit_and_invalidation(folder_zip, tmp_path: Path, monkeypatch) -> 
     first = load_data(str(path), cache_dir=cache)
     assert len(list(cache.glob("pets.zip.*.pt"))) == 1
 
-    def fail(p: Path) -> None:
+    def fail(p: Path, **options: object) -> None:
         raise AssertionError("decoded again despite a valid cache")
 
     monkeypatch.setattr(data_mod, "read_image_folder", fail)
@@ -157,7 +157,7 @@ def test_real_cifar10_reloads_from_the_cache(monkeypatch) -> None:
     measured by benchmarks/data_cache.py, not asserted here: tests carry no timings."""
     load_data(str(CIFAR_ZIP))  # decodes once (~15 s) if the cache is cold
 
-    def fail(p: Path) -> None:
+    def fail(p: Path, **options: object) -> None:
         raise AssertionError("decoded again despite a valid cache")
 
     monkeypatch.setattr(data_mod, "read_image_folder", fail)
@@ -390,3 +390,12 @@ def test_images_below_a_class_folder_are_an_error_not_dropped(tmp_path: Path) ->
     wrap = tmp_path / "wrap"  # a top folder named like a split is no nesting: test/train/a/0.png
     _image_tree(wrap / "test", {"train": {"a": imgs()}, "test": {"a": imgs()}})
     assert len(load_data(str(wrap), cache_dir=tmp_path / "cache", val_size=0).train) == 2
+
+
+def test_cifar_labels_out_of_range_are_refused(cifar_dir: Path, tmp_path: Path) -> None:
+    """A label >= the number of class names loaded and crashed at step 0 (issue 15)."""
+    batch = pickle.loads((cifar_dir / "data_batch_2").read_bytes())
+    batch[b"labels"][3] = 12
+    (cifar_dir / "data_batch_2").write_bytes(pickle.dumps(batch))
+    with pytest.raises(ValueError, match=r"data_batch_2.*label 12.*10 class names"):
+        load_data(str(cifar_dir), cache_dir=tmp_path)

@@ -1,23 +1,43 @@
-"""Decode once: decoded tensors are kept in one file keyed by the source's size and mtime."""
+"""Decode once, index once: decoded tensors and source indexes kept in files keyed by the source's
+size and mtime, each with a checksum, each written atomically.
+
+The cache is an optimisation, never a dependency: a file that fails its checksum, a folder that
+is read-only or full, only cost a warning and a fresh decode; temporary files of interrupted
+writes (a killed process) are removed by the next write to the folder.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import warnings
+import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from reslab._io import atomic_path
+from reslab.data.lists import read_list
 from reslab.data.sources import RawData
 
-__all__ = ["cache_path", "default_cache_dir", "load_cached", "save_cached"]
+__all__ = [
+    "cache_path",
+    "clean_stale_temp",
+    "default_cache_dir",
+    "load_cached",
+    "save_cached",
+    "warn_cache",
+]
 
 # bump when a reader's output changes; 2: the readers now refuse damaged or incomplete sources
 # that version 1 decoded and cached (a cache hit would keep serving them); 3: also duplicate
-# CIFAR batch files and images nested below a class folder
-CACHE_VERSION = 3
+# CIFAR batch files and images nested below a class folder; 4: val/ splits, EXIF orientation,
+# 16-bit scaling, and a checksum in the file
+CACHE_VERSION = 4
+INDEX_VERSION = 1
+_TENSORS = ("train_images", "train_labels", "test_images", "test_labels")
 
 
 def default_cache_dir() -> Path:
@@ -26,54 +46,112 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "reslab"
 
 
+def _list_paths(path: Path) -> list[Path]:
+    try:  # a CSV's fingerprint covers the files it lists
+        return [path.parent / p for p in read_list(path)[0]]
+    except (ValueError, OSError, UnicodeDecodeError):
+        return []  # the indexer names the problem
+
+
 def _fingerprint(path: Path) -> str:
-    """Size and modification time of a file, or of every file below a folder."""
+    """Size and modification time of a file, of every file below a folder, or of a CSV/TSV list
+    and every file it lists."""
     if path.is_dir():
-        items = sorted(
-            (str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns)
-            for f in path.rglob("*")
-            if f.is_file()
-        )
-        return repr(items)
+        items = []
+        for root, _, files in os.walk(path):
+            for name in files:
+                f = Path(root) / name
+                with contextlib.suppress(OSError):
+                    st = f.stat()
+                    items.append((str(f.relative_to(path)), st.st_size, st.st_mtime_ns))
+        return repr(sorted(items))
     st = path.stat()
-    return f"{st.st_size}:{st.st_mtime_ns}"
+    parts = [f"{st.st_size}:{st.st_mtime_ns}"]
+    if path.suffix.lower() in (".csv", ".tsv"):
+        for f in _list_paths(path):
+            try:
+                s = f.stat()
+                parts.append(f"{f}:{s.st_size}:{s.st_mtime_ns}")
+            except OSError:
+                parts.append(f"{f}:missing")
+    return "|".join(parts)
 
 
-def cache_path(path: Path, cache_dir: Path) -> Path:
+def cache_path(path: Path, cache_dir: Path, *, kind: str = "pt", extra: str = "") -> Path:
     path = path.resolve()
-    key = f"{CACHE_VERSION}|{path}|{_fingerprint(path)}"
+    version = CACHE_VERSION if kind == "pt" else INDEX_VERSION
+    key = f"{version}|{path}|{_fingerprint(path)}|{extra}"
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]
-    return cache_dir / f"{path.name}.{digest}.pt"
+    suffix = "pt" if kind == "pt" else "index.json.gz"
+    return cache_dir / f"{path.name}.{digest}.{suffix}"
+
+
+def _crc(arrays: list[np.ndarray]) -> int:
+    crc = 0
+    for a in arrays:
+        crc = zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data, crc)
+    return crc
+
+
+def clean_stale_temp(folder: Path) -> None:
+    """Remove ``.NAME.PID.tmp`` files (reslab._io.atomic_path) whose writer no longer runs."""
+    with contextlib.suppress(OSError):
+        for f in folder.glob(".*.tmp"):
+            try:
+                pid = int(f.name.rsplit(".", 2)[-2])
+                os.kill(pid, 0)  # raises if no such process
+            except ProcessLookupError:
+                f.unlink(missing_ok=True)
+            except (ValueError, PermissionError, OSError):
+                continue
+
+
+def warn_cache(msg: str) -> None:
+    """A cache problem: worth a warning, never an error."""
+    warnings.warn(msg, stacklevel=3)
 
 
 def load_cached(file: Path) -> RawData | None:
-    """The cached tensors, or None when absent or unreadable (then the source is decoded again)."""
+    """The cached tensors, or None when absent, unreadable or failing the checksum (then the
+    source is decoded again)."""
     if not file.exists():
         return None
     try:
         d = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        names = [*_TENSORS, *(("val_images", "val_labels") if "val_images" in d else ())]
+        if _crc([d[k].numpy() for k in names]) != int(d["crc32"]):
+            raise ValueError("checksum mismatch: the file was changed or damaged")
         return RawData(
             d["train_images"],
             d["train_labels"],
             d["test_images"],
             d["test_labels"],
             list(d["classes"]),
+            d.get("val_images"),
+            d.get("val_labels"),
+            [(str(a), str(b)) for a, b in d.get("skipped", [])],
+            list(map(str, d.get("notes", []))),
         )
     except Exception as exc:  # a truncated or foreign file: decode again and overwrite it
-        warnings.warn(f"ignoring unreadable data cache {file}: {exc}", stacklevel=2)
+        warn_cache(f"ignoring unusable data cache {file}: {exc}")
         return None
 
 
 def save_cached(raw: RawData, file: Path) -> None:
-    """Write atomically (temporary file + rename) so an interrupted write never looks valid."""
-    with atomic_path(file) as tmp:
-        torch.save(
-            {
-                "train_images": raw.train_images,
-                "train_labels": raw.train_labels,
-                "test_images": raw.test_images,
-                "test_labels": raw.test_labels,
-                "classes": raw.classes,
-            },
-            tmp,
+    """Write atomically (temporary file + rename) so an interrupted write never looks valid. A
+    cache folder that cannot be written only costs a warning: the data was decoded already."""
+    d: dict = {k: getattr(raw, k) for k in _TENSORS}
+    if raw.val_images is not None and raw.val_labels is not None:
+        d["val_images"], d["val_labels"] = raw.val_images, raw.val_labels
+    d["crc32"] = _crc([t.numpy() for t in d.values()])
+    d["classes"] = raw.classes
+    d["skipped"] = [list(s) for s in raw.skipped]
+    d["notes"] = list(raw.notes)
+    try:
+        clean_stale_temp(file.parent)
+        with atomic_path(file) as tmp:
+            torch.save(d, tmp)
+    except OSError as exc:
+        warn_cache(
+            f"cannot write the data cache {file} ({exc.strerror or exc}); continuing without"
         )

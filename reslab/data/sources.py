@@ -1,4 +1,5 @@
-"""Readers that decode a data source into uint8 tensors: digits, CIFAR python, image folders.
+"""Readers that decode a data source into uint8 tensors: digits and CIFAR python (image folders:
+:mod:`reslab.data.memory`).
 
 Each reader returns a :class:`RawData` (the source's own train/test split, nothing held out yet);
 :func:`reslab.data.load_data` caches it and carves the validation split.
@@ -10,10 +11,8 @@ import gzip
 import io
 import pickle
 import tarfile
-import zipfile
 import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import ClassVar
 
@@ -21,9 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["RawData", "read_cifar_python", "read_digits", "read_image_folder"]
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
+__all__ = ["RawData", "read_cifar_python", "read_digits"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +32,10 @@ class RawData:
     test_images: Tensor
     test_labels: Tensor
     classes: list[str]
+    val_images: Tensor | None = None  # a val/ split of the source itself, when it has one
+    val_labels: Tensor | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason), skip_bad only
+    notes: list[str] = field(default_factory=list)  # how missing splits were made
 
 
 # -- scikit-learn digits ---------------------------------------------------------------------------
@@ -178,137 +179,24 @@ def read_cifar_python(path: Path) -> RawData:
         if name not in files:
             raise FileNotFoundError(f"CIFAR file {name!r} missing in {path}")
 
-    def read(names: list[str]) -> tuple[Tensor, Tensor]:
-        parts = [
-            _cifar_arrays(_unpickle(files[n][1], files[n][0]), files[n][0], label_key)
-            for n in names
-        ]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-
     where, data = files[meta_name]
     meta = _unpickle(data, where)
     classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta.get(names_key, [])]
+
+    def read(names: list[str]) -> tuple[Tensor, Tensor]:
+        parts = []
+        for n in names:
+            x, y = _cifar_arrays(_unpickle(files[n][1], files[n][0]), files[n][0], label_key)
+            bad = (y < 0) | (y >= len(classes)) if classes else y < 0
+            if bool(bad.any()):  # would crash the loss at step 0, or train a phantom class
+                k = int(bad.nonzero()[0, 0])
+                raise ValueError(
+                    f"corrupt CIFAR batch file {files[n][0]}: label {int(y[k])} of "
+                    f"image {k} is outside the {len(classes)} class names"
+                )
+            parts.append((x, y))
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
     tr_x, tr_y = read(train_names)
     te_x, te_y = read(test_names)
-    return RawData(tr_x, tr_y, te_x, te_y, classes)
-
-
-# -- image folders -------------------------------------------------------------------------------
-def _is_image(rel: PurePosixPath) -> bool:
-    """An image by its suffix, except macOS Finder metadata (``__MACOSX/``, ``._*`` AppleDouble
-    files), which carries image suffixes but is not an image."""
-    return (
-        rel.suffix.lower() in IMAGE_SUFFIXES
-        and "__MACOSX" not in rel.parts
-        and not rel.name.startswith("._")
-    )
-
-
-def _list_images(path: Path) -> Iterator[tuple[PurePosixPath, str, str]]:
-    """(relative path, where, name to read) of every image file, from a directory or a zip
-    archive. The name to read is the file's path, or the zip member's name as stored: the
-    relative path is normalised (``./train/a.png`` -> ``train/a.png``) and may not open it."""
-    if path.is_dir():
-        for f in sorted(path.rglob("*")):
-            rel = PurePosixPath(f.relative_to(path).as_posix())
-            if _is_image(rel) and f.is_file():
-                yield rel, str(f), str(f)
-    else:
-        with _open_zip(path) as zf:
-            for name in sorted(zf.namelist()):
-                if _is_image(PurePosixPath(name)):
-                    yield PurePosixPath(name), f"{path}:{name}", name
-
-
-def _open_zip(path: Path) -> zipfile.ZipFile:
-    try:
-        return zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise ValueError(f"corrupt or unreadable zip archive {path}: {exc}") from exc
-
-
-def _split_layout(
-    files: list[PurePosixPath], root: Path
-) -> dict[str, dict[str, list[PurePosixPath]]]:
-    """{"train"|"test": {class: [files]}} from ``[top/]train/<class>/<file>`` paths."""
-    layout: dict[str, dict[str, list[PurePosixPath]]] = {"train": {}, "test": {}}
-    nested = []  # split/class/.../file: not read, so not silently dropped either
-    for f in files:
-        parts = f.parts
-        for i, p in enumerate(parts[:-2]):
-            if p in layout and len(parts) - i == 3:  # split/class/file
-                layout[p].setdefault(parts[i + 1], []).append(f)
-                break
-        else:
-            if any(p in layout for p in parts[:-3]):
-                nested.append(f)
-    if nested:
-        raise ValueError(
-            f"{root}: {len(nested)} image(s) sit below a class folder, e.g. {nested[0]}; images "
-            "must be directly in [top/]train/<class>/ and [top/]test/<class>/"
-        )
-    for split in ("train", "test"):
-        if not layout[split]:
-            raise ValueError(
-                f"{root}: no images found under a '{split}/<class>/' folder "
-                "(expected [top/]train/<class>/*.jpg and [top/]test/<class>/*.jpg)"
-            )
-    return layout
-
-
-def _decode(data: bytes, where: str) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im.convert("RGB"))
-    except Exception as exc:
-        raise ValueError(f"cannot decode image {where}: {exc}") from exc
-
-
-def read_image_folder(path: Path) -> RawData:
-    """Images in ``[top/]train/<class>/`` and ``[top/]test/<class>/``, from a folder or a zip read
-    in place. Class names are the sorted folder names of ``train/``; all images share one size."""
-    entries = {rel: (where, name) for rel, where, name in _list_images(path)}
-    layout = _split_layout(list(entries), path)
-    classes = sorted(layout["train"])
-    unknown = sorted(set(layout["test"]) - set(classes))
-    if unknown:
-        raise ValueError(f"{path}: test classes {unknown} have no train/ folder")
-    zf = None if path.is_dir() else _open_zip(path)
-
-    def read_bytes(rel: PurePosixPath) -> bytes:
-        where, name = entries[rel]
-        if zf is None:
-            return Path(name).read_bytes()
-        try:
-            return zf.read(name)
-        except (zipfile.BadZipFile, OSError, KeyError, EOFError, zlib.error) as exc:
-            # a damaged deflate stream raises a bare zlib.error that names no file
-            raise ValueError(f"cannot read {where}: {exc}") from exc
-
-    first: list[tuple[tuple[int, ...], str]] = []  # (shape, where) of the first image decoded
-
-    def read_split(split: str) -> tuple[Tensor, Tensor]:
-        arrays, labels = [], []
-        for label, cls in enumerate(classes):
-            for rel in layout[split].get(cls, []):
-                where = entries[rel][0]
-                a = _decode(read_bytes(rel), where)
-                if not first:
-                    first.append((a.shape, where))
-                elif a.shape != first[0][0]:  # one size across train and test: a model fits one
-                    shape, ref = first[0]
-                    raise ValueError(f"image {where} is {a.shape}, expected {shape} like {ref}")
-                arrays.append(a)
-                labels.append(label)
-        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-        return x, torch.tensor(labels, dtype=torch.int64)
-
-    try:
-        tr_x, tr_y = read_split("train")
-        te_x, te_y = read_split("test")
-    finally:
-        if zf is not None:
-            zf.close()
     return RawData(tr_x, tr_y, te_x, te_y, classes)
