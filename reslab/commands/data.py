@@ -9,20 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
+from reslab.commands.options import jpeg_quality, positive_int
 from reslab.data.feed import choose_loader
 from reslab.data.images import Limits
 from reslab.data.index import SourceIndex, index_source
 from reslab.data.shards import PackConfig, pack
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -40,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     info.add_argument(
         "--image-size",
-        type=_positive,
+        type=positive_int,
         default=None,
         help="the model's input side, for the loader choice",
     )
@@ -49,20 +40,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pk.add_argument("dest", help="folder for the shards (created; a rerun resumes)")
     pk.add_argument(
         "--max-side",
-        type=_positive,
+        type=positive_int,
         default=None,
         help="longer side at most N pixels (aspect kept); default: sizes unchanged",
     )
     pk.add_argument(
         "--quality",
-        type=int,
-        choices=range(1, 101),
-        metavar="1..100",
+        type=jpeg_quality,
         default=90,
         help="JPEG quality of resized images (default 90)",
     )
-    pk.add_argument("--shard-size", type=_positive, default=1000, help="images per shard")
-    pk.add_argument("--workers", type=_positive, default=None, help="processes (default: CPUs)")
+    pk.add_argument("--shard-size", type=positive_int, default=1000, help="images per shard")
+    pk.add_argument("--workers", type=positive_int, default=None, help="processes (default: CPUs)")
     for q in (info, pk):
         q.add_argument(
             "--skip-bad",
@@ -71,7 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         )
         q.add_argument(
             "--max-pixels",
-            type=_positive,
+            type=positive_int,
             default=Limits().max_pixels,
             help="refuse images whose header declares more pixels (default 2**26)",
         )

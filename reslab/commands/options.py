@@ -84,6 +84,7 @@ nonnegative_float = _checked(
 )
 #: A share of something, such as the training images kept: 0 would keep nothing.
 fraction = _checked("fraction", float, lambda v: 0 < v <= 1, "a number", "in (0, 1]")
+jpeg_quality = _checked("jpeg_quality", int, lambda v: 1 <= v <= 100, "an integer", "in [1, 100]")
 seed = _checked("seed", int, lambda v: 0 <= v <= MAX_SEED, "an integer", "in [0, 2**63 - 1]")
 
 
