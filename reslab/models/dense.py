@@ -123,6 +123,19 @@ class DenseResidualLayer(nn.Module):
             return self.branch(y)
         return self.proj(y) + self.tau * self.branch(y)
 
+    def forward_without_branch(self, y: Tensor) -> Tensor:
+        """``P y``: the layer with its update deleted (a lesion, Veit et al. 2016 §4). A plain
+        layer leaves ``y``, which needs equal widths (:meth:`can_delete_branch`)."""
+        if not self.can_delete_branch():
+            raise ValueError(
+                f"a plain layer from {self.linear.in_features} to {self.linear.out_features} "
+                "features cannot be deleted: nothing would keep the shape"
+            )
+        return self.proj(y) if self.residual else y
+
+    def can_delete_branch(self) -> bool:
+        return self.residual or self.linear.in_features == self.linear.out_features
+
 
 class DenseResNet(nn.Module):
     """A stack of :class:`DenseResidualLayer`; images are flattened first."""
@@ -131,7 +144,7 @@ class DenseResNet(nn.Module):
         super().__init__()
         self.config = config
         learn = config.tau_mode == "learnable"
-        self.layers = nn.ModuleList(
+        self.layers: nn.ModuleList = nn.ModuleList(
             DenseResidualLayer(
                 n_in,
                 n_out,
@@ -148,7 +161,7 @@ class DenseResNet(nn.Module):
         )
         if config.gain != 1.0:
             with torch.no_grad():
-                for layer in self.layers:
+                for layer in self.dense_layers():
                     layer.linear.weight.mul_(config.gain)
         self.num_features = config.widths[-1]
         self.fc: nn.Module = (
@@ -156,6 +169,10 @@ class DenseResNet(nn.Module):
             if config.num_classes
             else nn.Identity()
         )
+
+    def dense_layers(self) -> list[DenseResidualLayer]:
+        """The residual layers, in forward order, typed."""
+        return [layer for layer in self.layers if isinstance(layer, DenseResidualLayer)]
 
     def forward_features(self, x: Tensor) -> Tensor:
         x = torch.flatten(x, 1)

@@ -7,24 +7,29 @@ References
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "NORMS",
     "ORDERINGS",
     "SHORTCUTS",
     "STEMS",
+    "NormLayer",
     "Ordering",
     "PadShortcut",
     "ProjectionShortcut",
+    "ShortcutOption",
     "StemSpec",
     "check_choice",
+    "make_shortcut",
 ]
 
 
-def check_choice(kind: str, value: str, choices: dict | tuple | list) -> None:
+def check_choice(kind: str, value: str, choices: Collection[str]) -> None:
     """Raise a ``ValueError`` that lists the valid choices when ``value`` is not one of them."""
     if value not in choices:
         valid = ", ".join(repr(c) for c in choices)
@@ -32,16 +37,22 @@ def check_choice(kind: str, value: str, choices: dict | tuple | list) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Shortcuts (He et al. 2015, §3.3 and §4.1 "Identity vs. Projection Shortcuts")
+# Normalisation layers
 # --------------------------------------------------------------------------------------------
 
-#: Shortcut options of He et al. 2015 §4.1, plus ``"none"`` for the plain (no-shortcut) twin.
-SHORTCUTS: dict[str, str] = {
-    "A": "identity; zero-padding (and subsampling) where the shape changes, parameter-free",
-    "B": "identity; 1x1 projection where the shape changes",
-    "C": "1x1 projection on every block",
-    "none": "no shortcut: the plain network of He et al. 2015, Table 2",
-}
+#: Builds the normalisation layer for ``num_features`` channels (torchvision's ``norm_layer``).
+NormLayer = Callable[[int], nn.Module]
+
+
+def no_norm(num_features: int) -> nn.Module:
+    """No normalisation: an identity where the norm layer would be, so the other module names
+    (and the rest of the state dict) stay those of the normalised net. Seed 001 asks what deep
+    plain nets do without BatchNorm; the gradient-flow sweeps build such nets with this."""
+    return nn.Identity()
+
+
+#: ``ResNetConfig.norm``: the normalisation after each convolution (He et al. 2015 §3.4: BN).
+NORMS: dict[str, NormLayer] = {"batch": nn.BatchNorm2d, "none": no_norm}
 
 
 class PadShortcut(nn.Module):
@@ -76,13 +87,76 @@ class ProjectionShortcut(nn.Sequential):
     (as in the authors' Torch code and timm's ResNetV2).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, norm: bool) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: int, norm_layer: NormLayer | None = None
+    ) -> None:
         layers: list[nn.Module] = [
             nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
         ]
-        if norm:
-            layers.append(nn.BatchNorm2d(out_channels))
+        if norm_layer is not None:
+            layers.append(norm_layer(out_channels))
         super().__init__(*layers)
+
+
+def _option_a(
+    in_channels: int, out_channels: int, stride: int, norm_layer: NormLayer | None
+) -> nn.Module:
+    if stride == 1 and in_channels == out_channels:
+        return nn.Identity()
+    return PadShortcut(in_channels, out_channels, stride)
+
+
+def _option_b(
+    in_channels: int, out_channels: int, stride: int, norm_layer: NormLayer | None
+) -> nn.Module:
+    if stride == 1 and in_channels == out_channels:
+        return nn.Identity()
+    return ProjectionShortcut(in_channels, out_channels, stride, norm_layer)
+
+
+def _option_c(
+    in_channels: int, out_channels: int, stride: int, norm_layer: NormLayer | None
+) -> nn.Module:
+    return ProjectionShortcut(in_channels, out_channels, stride, norm_layer)
+
+
+def _no_shortcut(
+    in_channels: int, out_channels: int, stride: int, norm_layer: NormLayer | None
+) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class ShortcutOption:
+    """One way to build a unit's skip path ``h``: ``build(in_channels, out_channels, stride,
+    norm_layer)`` returns the module, or None for no skip path (the plain twin)."""
+
+    description: str
+    build: Callable[[int, int, int, NormLayer | None], nn.Module | None]
+
+
+#: Shortcut options of He et al. 2015 §4.1, plus ``"none"`` for the plain (no-shortcut) twin.
+SHORTCUTS: dict[str, ShortcutOption] = {
+    "A": ShortcutOption(
+        "identity; zero-padding (and subsampling) where the shape changes, parameter-free",
+        _option_a,
+    ),
+    "B": ShortcutOption("identity; 1x1 projection where the shape changes", _option_b),
+    "C": ShortcutOption("1x1 projection on every block", _option_c),
+    "none": ShortcutOption(
+        "no shortcut: the plain network of He et al. 2015, Table 2", _no_shortcut
+    ),
+}
+
+
+def make_shortcut(
+    option: str, in_channels: int, out_channels: int, stride: int, *, norm_layer: NormLayer | None
+) -> nn.Module | None:
+    """The skip path ``h`` of one unit under shortcut ``option`` (a key of :data:`SHORTCUTS`);
+    None for ``"none"``. ``norm_layer`` follows a projection (None: a bare 1x1 conv, as in
+    pre-activation nets, whose projection reads an already normalised input)."""
+    check_choice("shortcut", option, SHORTCUTS)
+    return SHORTCUTS[option].build(in_channels, out_channels, stride, norm_layer)
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,15 +4,73 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from reslab.models.blocks import BLOCKS
+from reslab.models.blocks import (
+    BasicBlock,
+    Bottleneck,
+    PreActBasicBlock,
+    PreActBottleneck,
+    ResidualBlock,
+)
 from reslab.models.config import ResNetConfig
-from reslab.models.layers import ORDERINGS, STEMS, conv2d, kaiming_init_
+from reslab.models.layers import (
+    NORMS,
+    ORDERINGS,
+    STEMS,
+    conv2d,
+    kaiming_init_,
+    make_shortcut,
+)
+from reslab.models.ordered import OrderedBasicBlock, OrderedBottleneck
 
-__all__ = ["ResNet"]
+__all__ = ["BLOCKS", "ResNet", "make_block"]
+
+#: The explicit block of each (block, ordering) pair the registered models use; every other
+#: ordering of He et al. 2016 Fig. 4 is built by the op-list units of :mod:`reslab.models.ordered`.
+BLOCKS: dict[tuple[str, str], type[ResidualBlock]] = {
+    ("basic", "original"): BasicBlock,
+    ("bottleneck", "original"): Bottleneck,
+    ("basic", "full_preact"): PreActBasicBlock,
+    ("bottleneck", "full_preact"): PreActBottleneck,
+}
+_ORDERED: dict[str, type[ResidualBlock]] = {
+    "basic": OrderedBasicBlock,
+    "bottleneck": OrderedBottleneck,
+}
+
+
+def make_block(
+    config: ResNetConfig, in_channels: int, width: int, stride: int, *, first_unit: bool = False
+) -> ResidualBlock:
+    """One residual unit of ``config`` reading ``in_channels``, with its shortcut.
+
+    ``first_unit``: the network's first unit, whose shortcut shares a pre-activation with the
+    branch (He et al. 2016, appendix).
+    """
+    norm_layer = NORMS[config.norm]
+    preact = bool(ORDERINGS[config.ordering].preact)
+    explicit = BLOCKS.get((config.block, config.ordering))
+    block = explicit or _ORDERED[config.block]
+    # A pre-activation unit's projection reads an already normalised input: a bare conv.
+    shortcut = make_shortcut(
+        config.shortcut,
+        in_channels,
+        width * block.expansion,
+        stride,
+        norm_layer=None if preact else norm_layer,
+    )
+    kwargs: dict[str, Any] = {"shortcut": shortcut, "norm_layer": norm_layer}
+    if config.block == "bottleneck":
+        kwargs["stride_in"] = config.stride_in
+    if preact or explicit is None:
+        kwargs["first_unit"] = first_unit
+    if explicit is None:
+        kwargs["ordering"] = config.ordering
+    return block(in_channels, width, stride, **kwargs)
 
 
 class ResNet(nn.Module):
@@ -21,6 +79,9 @@ class ResNet(nn.Module):
     Post-activation models use torchvision's module names (``conv1, bn1, layer1..4, fc``) so a
     torchvision state dict loads with ``strict=True``. Pre-activation models have no BN after the
     stem convolution and end with ``final_bn``/``final_act`` (He et al. 2016, appendix).
+
+    Modules are registered in the order the forward runs them (stem, stages, final
+    pre-activation, pooling, classifier).
     """
 
     def __init__(self, config: ResNetConfig) -> None:
@@ -28,13 +89,12 @@ class ResNet(nn.Module):
         self.config = config
         ordering = ORDERINGS[config.ordering]
         stem = STEMS[config.stem]
-        block = BLOCKS[config.block]
+        norm_layer = NORMS[config.norm]
 
         # Stem: the first conv and, for post-activation orderings, its BN-ReLU.
         self.conv1 = conv2d(config.in_channels, config.stem_width, stem.kernel_size, stem.stride)
-        self.bn1 = nn.BatchNorm2d(config.stem_width) if "bn" in ordering.stem else None
-        self.stem_act = "act" in ordering.stem
-        self.act = nn.ReLU()
+        self.bn1 = norm_layer(config.stem_width) if "bn" in ordering.stem else None
+        self.act1 = nn.ReLU() if "act" in ordering.stem else None
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if stem.max_pool else nn.Identity()
 
         # Stages conv2_x ... : the first stage keeps the resolution (the stem already reduced it),
@@ -46,15 +106,7 @@ class ResNet(nn.Module):
             for j in range(n_units):
                 stride = 2 if (i > 0 and j == 0) else 1
                 units.append(
-                    block(
-                        channels,
-                        width,
-                        stride,
-                        ordering=config.ordering,
-                        shortcut=config.shortcut,
-                        stride_in=config.stride_in,
-                        first_unit=(i == 0 and j == 0),
-                    )
+                    make_block(config, channels, width, stride, first_unit=(i == 0 and j == 0))
                 )
                 channels = units[-1].out_channels
             name = f"layer{i + 1}"
@@ -64,8 +116,8 @@ class ResNet(nn.Module):
 
         # "For the last Residual Unit ... we adopt an extra activation right after its
         # element-wise addition" (He et al. 2016, appendix).
-        self.final_bn = nn.BatchNorm2d(channels) if "bn" in ordering.final else None
-        self.final_act = "act" in ordering.final
+        self.final_bn = norm_layer(channels) if "bn" in ordering.final else None
+        self.final_act = nn.ReLU() if "act" in ordering.final else None
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, config.num_classes)
 
@@ -75,7 +127,7 @@ class ResNet(nn.Module):
                 unit.zero_init_last()
 
     # -- structure ------------------------------------------------------------------------------
-    def units(self) -> Iterator[nn.Module]:
+    def units(self) -> Iterator[ResidualBlock]:
         """Every residual unit, in forward order."""
         for name in self.stage_names:
             yield from getattr(self, name)
@@ -85,8 +137,16 @@ class ResNet(nn.Module):
         x = self.conv1(x)
         if self.bn1 is not None:
             x = self.bn1(x)
-        if self.stem_act:
-            x = self.act(x)
+        if self.act1 is not None:
+            x = self.act1(x)
+        return x
+
+    def final(self, x: Tensor) -> Tensor:
+        """The final pre-activation of pre-activation nets (identity for post-activation)."""
+        if self.final_bn is not None:
+            x = self.final_bn(x)
+        if self.final_act is not None:
+            x = self.final_act(x)
         return x
 
     def _check_input(self, x: Tensor) -> None:
@@ -106,14 +166,8 @@ class ResNet(nn.Module):
             x = getattr(self, name)(x)
         return self.final(x)
 
-    def final(self, x: Tensor) -> Tensor:
-        if self.final_bn is not None:
-            x = self.final_bn(x)
-        if self.final_act:
-            x = self.act(x)
-        return x
-
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Global average pooling and the classifier (``pre_logits``: the pooled features)."""
         x = torch.flatten(self.avgpool(x), 1)
         return x if pre_logits else self.fc(x)
 
