@@ -150,7 +150,7 @@ def summarize(model: nn.Module, input_size: tuple[int, ...], name: str = "") -> 
                 StageSummary(stage_name, list(x.shape[1:]), spec, _params(*modules), macs)
             )
         macs, x = count_macs(model.forward_head, x)
-        head = model.fc
+        head = model.get_classifier()
         spec = f"{head.out_features}-d fc" if isinstance(head, nn.Linear) else "no classifier"
         if isinstance(model, ResNet):
             spec = f"average pool, {spec}"

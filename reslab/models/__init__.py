@@ -9,6 +9,7 @@ from reslab.models.blocks import (
 )
 from reslab.models.config import ResNetConfig
 from reslab.models.dense import DenseConfig, DenseResidualLayer, DenseResNet, seed_example
+from reslab.models.features import FeatureInfo, FeatureListNet
 from reslab.models.layers import (
     NORMS,
     ORDERINGS,
@@ -19,7 +20,7 @@ from reslab.models.layers import (
     make_shortcut,
 )
 from reslab.models.ordered import OrderedBasicBlock, OrderedBlock, OrderedBottleneck
-from reslab.models.resnet import BLOCKS, ResNet, make_block
+from reslab.models.resnet import BLOCKS, ResNet, default_cfg, make_block
 from reslab.models.zoo import (
     MODELS,
     build_model,
@@ -41,6 +42,8 @@ __all__ = [
     "DenseConfig",
     "DenseResNet",
     "DenseResidualLayer",
+    "FeatureInfo",
+    "FeatureListNet",
     "OrderedBasicBlock",
     "OrderedBlock",
     "OrderedBottleneck",
@@ -54,6 +57,7 @@ __all__ = [
     "build_model",
     "cifar_config",
     "create_model",
+    "default_cfg",
     "get_config",
     "list_models",
     "make_block",

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from reslab.models.layers import NormLayer, ProjectionShortcut, check_choice, conv2d
 
@@ -329,3 +329,11 @@ class PreActBottleneck(ResidualBlock):
 
     def _shortcut_input(self, x: Tensor) -> Tensor:
         return self.act(self.bn1(x)) if self.shortcut_from_preact else x
+
+
+class UnitLeafTracer(fx.Tracer):
+    """Traces a network down to its residual units and no further, so that TorchScript compiles
+    each unit's own ``forward`` (see ``ResNet.__prepare_scriptable__``)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, ResidualBlock) or super().is_leaf_module(m, module_qualified_name)

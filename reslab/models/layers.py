@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 __all__ = [
     "NORMS",
@@ -25,7 +26,9 @@ __all__ = [
     "ShortcutOption",
     "StemSpec",
     "check_choice",
+    "check_input",
     "make_shortcut",
+    "traced_for_script",
 ]
 
 
@@ -245,21 +248,48 @@ ORDERINGS: dict[str, Ordering] = {
 # --------------------------------------------------------------------------------------------
 
 
+#: Per-channel RGB statistics of the data sets the stems were designed for, in [0, 1] pixels:
+#: ImageNet's as torchvision and timm use them; CIFAR-10's training set as commonly quoted.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
 @dataclass(frozen=True)
 class StemSpec:
-    """The layers before the first residual stage."""
+    """The layers before the first residual stage, and the input they were designed for."""
 
     kernel_size: int
     stride: int
     max_pool: bool
     description: str
+    image_size: int  # side of the network input in pixels
+    crop_pct: float  # image_size / side of the resized image before the centre crop
+    mean: tuple[float, ...]  # RGB normalisation of the data set the stem was designed for
+    std: tuple[float, ...]
+
+    @property
+    def reduction(self) -> int:
+        """How much the stem (conv stride and max-pool) shrinks the input's side."""
+        return self.stride * (2 if self.max_pool else 1)
 
 
 STEMS: dict[str, StemSpec] = {
-    # He et al. 2015, Table 1: "7x7, 64, stride 2" then "3x3 max pool, stride 2".
-    "imagenet": StemSpec(7, 2, True, "7x7/2 conv + 3x3/2 max-pool (ImageNet, Table 1)"),
+    # He et al. 2015, Table 1: "7x7, 64, stride 2" then "3x3 max pool, stride 2"; 224x224 crops
+    # (§3.4), evaluated as torchvision does: resize to 256, centre crop 224.
+    "imagenet": StemSpec(
+        7,
+        2,
+        True,
+        "7x7/2 conv + 3x3/2 max-pool (ImageNet, Table 1)",
+        224,
+        0.875,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+    ),
     # He et al. 2015, §4.2: "The first layer is 3x3 convolutions" on 32x32 inputs, no pooling.
-    "cifar": StemSpec(3, 1, False, "3x3/1 conv, no pooling (CIFAR, §4.2)"),
+    "cifar": StemSpec(
+        3, 1, False, "3x3/1 conv, no pooling (CIFAR, §4.2)", 32, 1.0, CIFAR10_MEAN, CIFAR10_STD
+    ),
 }
 
 
@@ -268,6 +298,41 @@ def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 
     return nn.Conv2d(
         in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=False
     )
+
+
+# fx.wrap: traced graphs keep the check as one call instead of tracing into its branches;
+# has_side_effect: and graph clean-ups (create_feature_extractor's) keep that call, which returns
+# nothing anyone reads
+@fx.node.has_side_effect
+@fx.wrap
+def check_input(x: Tensor, in_channels: int) -> None:
+    """Raise a ``ValueError`` naming both shapes unless ``x`` is ``(N, in_channels, H, W)``.
+
+    Works eagerly, in ``torch.fx`` graphs (each module that calls it registers it with
+    ``fx.wrap``), under ``torch.export`` (the channel count is static, so the check becomes the
+    exported program's shape guard) and in TorchScript.
+    """
+    if x.dim() != 4 or x.shape[1] != in_channels:
+        if torch.jit.is_scripting():
+            raise ValueError(
+                f"expected input of shape (N, {in_channels}, H, W); "
+                f"this model was built with in_channels={in_channels}"
+            )
+        raise ValueError(
+            f"expected input of shape (N, {in_channels}, H, W), got {tuple(x.shape)}; "
+            f"this model was built with in_channels={in_channels}"
+        )
+
+
+def traced_for_script(module: nn.Module, tracer: fx.Tracer | None = None) -> fx.GraphModule:
+    """``module``'s ``torch.fx`` graph as a module TorchScript can compile: same submodules under
+    the same names. Postponed annotations (``from __future__ import annotations``) reach fx as
+    strings TorchScript cannot read back; unannotated arguments are Tensors to it anyway."""
+    graph = (tracer or fx.Tracer()).trace(module)
+    for node in graph.nodes:
+        if isinstance(node.type, str):
+            node.type = None
+    return fx.GraphModule(module, graph, type(module).__name__)
 
 
 def kaiming_init_(module: nn.Module) -> None:

@@ -19,6 +19,7 @@ from reslab.models.layers import (
     ProjectionShortcut,
     check_choice,
     conv2d,
+    traced_for_script,
 )
 
 __all__ = ["OrderedBasicBlock", "OrderedBlock", "OrderedBottleneck"]
@@ -100,6 +101,11 @@ class OrderedBlock(ResidualBlock):
             shortcut = self.downsample(pre if self.shortcut_from_preact else x)  # h(x)
             out = out + shortcut  # y = h(x) + F(x), never in place
         return self._run(self.after_add, out)  # x_{l+1} = f(y)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` cannot look modules up by a computed name: script the traced
+        graph instead, which calls each layer by its own name (same modules, same state dict)."""
+        return traced_for_script(self)
 
     def branch_norms(self) -> list[tuple[str, nn.Module]]:
         return [(op, getattr(self, op)) for op in self.ops if op.startswith("bn")]

@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
 from reslab.models.config import ResNetConfig
 from reslab.models.dense import DenseConfig, DenseResNet
+from reslab.models.features import FeatureListNet
 from reslab.models.layers import check_choice
 from reslab.models.resnet import ResNet
 
@@ -131,8 +133,20 @@ def build_model(config: Config) -> nn.Module:
     return ResNet(config)
 
 
-def create_model(name: str, **overrides: Any) -> nn.Module:
+def create_model(
+    name: str,
+    *,
+    features_only: bool = False,
+    out_indices: int | Sequence[int] | None = None,
+    **overrides: Any,
+) -> nn.Module:
     """Build a registered model, e.g. ``create_model("resnet50", num_classes=10, stem="cifar")``.
+
+    ``overrides`` replace fields of the model's config. ``num_classes=0`` builds it without a
+    classifier (it returns pooled features). ``features_only=True`` returns a
+    :class:`~reslab.models.features.FeatureListNet` giving the feature maps of the levels in
+    ``out_indices`` (0: the stem, ``i``: stage ``i``; an int ``k``: the last ``k``; default all),
+    as timm does; convolutional models only.
 
     ``pretrained=PATH`` (and optionally ``pretrained_sha256=HEX``) then initialises it from a
     weight file with :func:`reslab.transfer.load_pretrained`, adapting the first layer to
@@ -141,7 +155,27 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     ``stride_in="3x3"`` unless ``stride_in`` is given; what the load report notes beyond that is
     raised as a warning.
     """
+    if out_indices is not None and not features_only:
+        raise ValueError("out_indices selects feature levels: it needs features_only=True")
+    if features_only:
+        if not isinstance(get_config(name), ResNetConfig):
+            raise ValueError(
+                f"features_only needs a convolutional model; {name!r} is a dense net, whose "
+                "layers have no spatial feature levels"
+            )
+        model = create_model(name, **overrides)
+        assert isinstance(model, ResNet)
+        return FeatureListNet(model, out_indices)
+
     pretrained = overrides.pop("pretrained", None)
+    if pretrained is True:
+        raise ValueError(
+            "pretrained=True would download weights, which reslab never does: pass the path of "
+            f"a weight file instead, e.g. create_model({name!r}, pretrained='weights.pth') "
+            "(a reslab checkpoint, or a torchvision or timm state dict)"
+        )
+    if pretrained is False:
+        pretrained = None
     sha256 = overrides.pop("pretrained_sha256", None)
     if sha256 is not None and pretrained is None:
         raise ValueError("pretrained_sha256 needs pretrained=PATH")
