@@ -27,12 +27,7 @@ CONV_PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n in HUGE else n for n
 CIFAR_ZIP = Path(__file__).parents[1] / ".." / "shared" / "data" / "cifar10-jpeg.zip"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _input(model: nn.Module, batch: int = 2) -> Tensor:
