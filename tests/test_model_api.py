@@ -286,6 +286,12 @@ def test_input_check_survives_fx() -> None:
     features = create_feature_extractor(create_model("resnet18"), {"layer2": "c3"})
     with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
         features(torch.randn(2, 4, 32, 32))
+    dense = create_model("dense_resnet10")
+    traced_dense = torch.fx.symbolic_trace(dense)
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(traced_dense(x), dense(x))
+    with pytest.raises(ValueError, match="expected 64 input features"):
+        traced_dense(torch.randn(2, 1, 4, 4))
 
 
 def test_registered_configs_untouched_by_the_api() -> None:
