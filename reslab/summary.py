@@ -8,6 +8,7 @@ pooling are not counted, as in the paper's Table 1.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -15,7 +16,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from reslab.models.blocks import ResidualBlock
 from reslab.models.dense import DenseResNet
 from reslab.models.resnet import ResNet
 
@@ -43,7 +43,7 @@ class ModelSummary:
         return asdict(self)
 
 
-def count_macs(fn: Any, *args: Tensor) -> tuple[int, Any]:
+def count_macs(fn: Callable[..., Any], *args: Tensor) -> tuple[int, Any]:
     """Multiply-adds of ``fn(*args)`` (FLOPs / 2) and its result."""
     with FlopCounterMode(display=False) as counter:
         out = fn(*args)
@@ -54,42 +54,63 @@ def _params(*modules: nn.Module | None) -> int:
     return sum(p.numel() for m in modules if m is not None for p in m.parameters())
 
 
-def _unit_spec(unit: ResidualBlock) -> str:
+Forward = Callable[[Tensor], Tensor]
+Row = tuple[str, str, list[nn.Module | None], Forward]  # name, block spec, modules, forward
+
+
+def _unit_spec(unit: nn.Module) -> str:
     convs = [m for n, m in unit.named_children() if n.startswith("conv")]
-    return "; ".join(f"{c.kernel_size[0]}x{c.kernel_size[1]}, {c.out_channels}" for c in convs)
+    return "; ".join(
+        f"{c.kernel_size[0]}x{c.kernel_size[1]}, {c.out_channels}"
+        for c in convs
+        if isinstance(c, nn.Conv2d)
+    )
 
 
-def _stages(model: nn.Module) -> list[tuple[str, str, list[nn.Module], Any]]:
+def _stage_forward(model: ResNet, stage: nn.Module, *, pool: bool, final: bool) -> Forward:
+    def forward(x: Tensor) -> Tensor:
+        x = stage(model.maxpool(x) if pool else x)
+        return model.final(x) if final else x
+
+    return forward
+
+
+def _resnet_rows(model: ResNet) -> list[Row]:
+    stem = model.conv1
+    rows: list[Row] = [
+        (
+            "conv1",
+            f"{stem.kernel_size[0]}x{stem.kernel_size[1]}, {stem.out_channels}, "
+            f"stride {stem.stride[0]}",
+            [model.conv1, model.bn1],
+            model.stem,
+        )
+    ]
+    last = len(model.stage_names) - 1
+    for i, name in enumerate(model.stage_names):
+        stage = model.get_submodule(name)
+        units = list(stage.children())
+        spec = f"[{_unit_spec(units[0])}] x {len(units)}"
+        pool = i == 0 and isinstance(model.maxpool, nn.MaxPool2d)
+        if pool:  # Table 1 lists the max-pool in the conv2_x row
+            spec = "3x3 max pool, stride 2; " + spec
+        # the final pre-activation (pre-activation nets) belongs to the last stage's row
+        modules = [stage, model.final_bn if i == last else None]
+        rows.append(
+            (
+                f"conv{i + 2}_x",
+                spec,
+                modules,
+                _stage_forward(model, stage, pool=pool, final=i == last),
+            )
+        )
+    return rows
+
+
+def _stages(model: nn.Module) -> list[Row]:
     """(name, block spec, modules, forward) for each row of the table."""
     if isinstance(model, ResNet):
-        stem = model.conv1
-        rows: list[tuple[str, str, list[nn.Module], Any]] = [
-            (
-                "conv1",
-                f"{stem.kernel_size[0]}x{stem.kernel_size[1]}, {stem.out_channels}, "
-                f"stride {stem.stride[0]}",
-                [model.conv1, model.bn1],
-                model.stem,
-            )
-        ]
-        for i, name in enumerate(model.stage_names):
-            stage = getattr(model, name)
-            spec = f"[{_unit_spec(stage[0])}] x {len(stage)}"
-            if i == 0 and isinstance(model.maxpool, nn.MaxPool2d):
-                # Table 1 lists the max-pool in the conv2_x row.
-                spec = "3x3 max pool, stride 2; " + spec
-
-                def fwd(x: Tensor, stage: nn.Module = stage) -> Tensor:
-                    return stage(model.maxpool(x))
-            else:
-                fwd = stage
-            if i == len(model.stage_names) - 1:
-
-                def fwd(x: Tensor, f: Any = fwd) -> Tensor:
-                    return model.final(f(x))
-
-            rows.append((f"conv{i + 2}_x", spec, [stage, model.final_bn], fwd))
-        return rows
+        return _resnet_rows(model)
     if isinstance(model, DenseResNet):
         return [
             (
@@ -98,7 +119,7 @@ def _stages(model: nn.Module) -> list[tuple[str, str, list[nn.Module], Any]]:
                 [layer],
                 layer,
             )
-            for i, layer in enumerate(model.layers)
+            for i, layer in enumerate(model.dense_layers())
         ]
     raise TypeError(f"cannot summarise {type(model).__name__}")
 
@@ -106,6 +127,8 @@ def _stages(model: nn.Module) -> list[tuple[str, str, list[nn.Module], Any]]:
 @torch.no_grad()
 def summarize(model: nn.Module, input_size: tuple[int, ...], name: str = "") -> ModelSummary:
     """Run one sample of ``input_size`` (C, H, W) through ``model`` stage by stage."""
+    if not isinstance(model, ResNet | DenseResNet):
+        raise TypeError(f"cannot summarise {type(model).__name__}")
     if not input_size or any(int(d) < 1 for d in input_size):
         raise ValueError(f"input size must be positive (C, H, W), got {tuple(input_size)}")
     if isinstance(model, DenseResNet) and math.prod(input_size) != model.config.widths[0]:
@@ -127,19 +150,11 @@ def summarize(model: nn.Module, input_size: tuple[int, ...], name: str = "") -> 
                 StageSummary(stage_name, list(x.shape[1:]), spec, _params(*modules), macs)
             )
         macs, x = count_macs(model.forward_head, x)
-        head = model.fc
-        out_features = getattr(head, "out_features", x.shape[1])
-        summary.stages.append(
-            StageSummary(
-                "fc",
-                list(x.shape[1:]),
-                f"average pool, {out_features}-d fc"
-                if isinstance(model, ResNet)
-                else f"{out_features}-d fc",
-                _params(head),
-                macs,
-            )
-        )
+        head = model.get_classifier()
+        spec = f"{head.out_features}-d fc" if isinstance(head, nn.Linear) else "no classifier"
+        if isinstance(model, ResNet):
+            spec = f"average pool, {spec}"
+        summary.stages.append(StageSummary("fc", list(x.shape[1:]), spec, _params(head), macs))
         summary.params = _params(model)
         summary.macs = sum(s.macs for s in summary.stages)
         return summary

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
+import torch
 
 from reslab.data import DataSplits, load_data
 
@@ -11,3 +14,13 @@ from reslab.data import DataSplits, load_data
 def digits() -> DataSplits:
     """scikit-learn's digits split as the trainer splits them (1,295 train / 143 val / 359 test)."""
     return load_data("digits")
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Two cores shared by several jobs: one thread avoids oversubscription. Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -13,14 +13,7 @@ from reslab.analysis import gradflow, lesion, ode, responses, toy
 from reslab.analysis.hooks import GradientRecorder, count_hooks, find_blocks, find_weight_layers
 from reslab.cli import main
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two cores shared by several jobs: one thread avoids oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- seed 000's toy --------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from reslab._progress import progress_bar
 from reslab.analysis.common import sample_batch
 from reslab.analysis.gradflow_figures import plot_conv_sweep, plot_dense_sweep, plot_profiles
 from reslab.analysis.hooks import GradientRecorder, find_blocks, find_weight_layers
+from reslab.analysis.training import cifar_net
 from reslab.models import DenseConfig, ResNetConfig, build_model, get_config
 
 __all__ = [
@@ -32,7 +34,6 @@ __all__ = [
     "dense_model",
     "dense_sweep",
     "gradient_profile",
-    "strip_norm",
 ]
 
 
@@ -102,6 +103,7 @@ def gradient_profile(
         weights = []
         for r in wrec.records():
             w = by_name[r.name].weight
+            assert isinstance(w, Tensor)
             g = w.grad
             weights.append(
                 {
@@ -136,34 +138,20 @@ def gradient_profile(
 # ------------------------------------------------------------------------------------------------
 
 
-def strip_norm(model: nn.Module) -> nn.Module:
-    """Replace every BatchNorm by the identity (an analysis-only variant; the zoo has no switch).
-
-    Used to ask seed 001's question: what do deep plain nets do *without* normalisation?
-    """
-    for name, child in list(model.named_children()):
-        if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            setattr(model, name, nn.Identity())
-        else:
-            strip_norm(child)
-    return model
-
-
 def conv_model(family: str, depth: int, *, norm: bool = True, in_channels: int = 3) -> nn.Module:
     """A CIFAR network of ``depth`` = 6n+2 layers: ``plain``, ``resnet`` (post-activation, He et
-    al. 2015 §4.2) or ``preact`` (full pre-activation, He et al. 2016)."""
-    if (depth - 2) % 6:
-        raise ValueError(f"CIFAR depth must be 6n+2, got {depth}")
-    n = (depth - 2) // 6
-    base = {
-        "plain": "cifar_plain20",
-        "resnet": "cifar_resnet20",
-        "preact": "cifar_preact_resnet110",
-    }
-    if family not in base:
-        raise ValueError(f"unknown family {family!r}; valid choices: {', '.join(base)}")
-    model = build_model(get_config(base[family], layers=(n, n, n), in_channels=in_channels))
-    return model if norm else strip_norm(model)
+    al. 2015 §4.2) or ``preact`` (full pre-activation, He et al. 2016); ``norm=False`` builds it
+    without normalisation (``ResNetConfig.norm="none"``), seed 001's question."""
+    orderings = {"plain": "original", "resnet": "original", "preact": "full_preact"}
+    if family not in orderings:
+        raise ValueError(f"unknown family {family!r}; valid choices: {', '.join(orderings)}")
+    return cifar_net(
+        depth,
+        residual=family != "plain",
+        ordering=orderings[family],
+        in_channels=in_channels,
+        norm="batch" if norm else "none",
+    )
 
 
 def dense_model(
@@ -325,7 +313,7 @@ CONV_DEPTHS = {"full": (20, 32, 44, 56, 110, 1202), "quick": (20, 56)}
 
 
 def run_sweeps(
-    out_dir, *, quick: bool = False, data: str | None = None, seed: int = 0
+    out_dir: Path, *, quick: bool = False, data: str | None = None, seed: int = 0
 ) -> dict[str, Any]:
     """Dense and CIFAR depth sweeps at initialisation, their figures and per-layer profiles."""
     budget = "quick" if quick else "full"
@@ -365,7 +353,7 @@ def run_sweeps(
 
 
 def run(
-    out_dir,
+    out_dir: Path,
     models: Sequence[str] = (),
     *,
     quick: bool = False,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from reslab.analysis.common import new_figure, save_figure
@@ -19,7 +20,9 @@ def _finite(v: float | None) -> float:
     return float("nan") if v is None or v == 0 else v  # 0: underflow, off a log axis
 
 
-def plot_dense_sweep(rows: Sequence[dict[str, Any]], out_dir, name="gradflow_dense_depth.png"):
+def plot_dense_sweep(
+    rows: Sequence[dict[str, Any]], out_dir: Path, name: str = "gradflow_dense_depth.png"
+) -> Path:
     """One column per activation; top: weight-gradient ratio, bottom: activation-gradient ratio."""
     activations = sorted({r["activation"] for r in rows}, key=["sigmoid", "tanh", "relu"].index)
     fig, axes = new_figure(ncols=len(activations), nrows=2, size=(4.2, 3.4))
@@ -52,7 +55,9 @@ def plot_dense_sweep(rows: Sequence[dict[str, Any]], out_dir, name="gradflow_den
     return save_figure(fig, out_dir, name)
 
 
-def plot_conv_sweep(rows: Sequence[dict[str, Any]], out_dir, name="gradflow_conv_depth.png"):
+def plot_conv_sweep(
+    rows: Sequence[dict[str, Any]], out_dir: Path, name: str = "gradflow_conv_depth.png"
+) -> Path:
     """Columns: with BN / BN removed; rows: weight- and activation-gradient ratios."""
     fig, axes = new_figure(ncols=2, nrows=2, size=(4.6, 3.4))
     for col, norm in enumerate((True, False)):
@@ -80,7 +85,9 @@ def plot_conv_sweep(rows: Sequence[dict[str, Any]], out_dir, name="gradflow_conv
     return save_figure(fig, out_dir, name)
 
 
-def plot_profiles(profiles: dict[str, dict[str, Any]], out_dir, name: str, title: str):
+def plot_profiles(
+    profiles: dict[str, dict[str, Any]], out_dir: Path, name: str, title: str
+) -> Path:
     """Per-weight-layer ``||dL/dW||`` against layer index, one line per network."""
     fig, axes = new_figure(size=(6.0, 3.8))
     ax = axes[0][0]

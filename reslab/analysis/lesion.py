@@ -9,9 +9,9 @@ single unit of a ResNet barely matters while removing a layer of a plain (VGG) n
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
@@ -29,29 +29,33 @@ from reslab.analysis.training import (
 __all__ = ["DeletedUnit", "deleted", "lesion_study"]
 
 
+@runtime_checkable
+class BranchDeletable(Protocol):
+    """A unit that can compute its output with the residual branch deleted (reslab's
+    :class:`~reslab.models.ResidualBlock` and :class:`~reslab.models.DenseResidualLayer`)."""
+
+    def forward_without_branch(self, x: Tensor) -> Tensor: ...
+
+    def can_delete_branch(self) -> bool: ...
+
+
 class DeletedUnit(nn.Module):
-    """What is left of a unit after deleting its residual branch: the shortcut alone.
+    """What is left of a unit after deleting its residual branch: ``f(h(x))``, the shortcut alone
+    (with the unit's pre-activation where the shortcut reads it). A plain unit becomes the
+    identity. The unit itself computes this (``forward_without_branch``)."""
 
-    For units whose shortcut reads the pre-activated input (pre-activation projection units),
-    the pre-activation is kept too. A plain unit becomes the identity.
-    """
-
-    def __init__(self, unit: nn.Module) -> None:
+    def __init__(self, unit: BranchDeletable) -> None:
         super().__init__()
         self.unit = unit
 
     def forward(self, x: Tensor) -> Tensor:
-        unit = self.unit
-        if getattr(unit, "downsample", None) is None:
-            return x
-        if getattr(unit, "shortcut_from_preact", False):
-            x = unit._run(unit.preact_ops, x)
-        return unit._run(unit.after_add, unit.downsample(x))
+        return self.unit.forward_without_branch(x)
 
 
 def deletable(unit: nn.Module) -> bool:
-    """A residual unit always (its shortcut remains); a plain unit only if it keeps the shape."""
-    return getattr(unit, "downsample", None) is not None or not getattr(unit, "shape_changes", True)
+    """A residual unit always (its shortcut remains); a plain unit only if it keeps the shape.
+    Units of other libraries' models are never deleted here: they do not say what is left."""
+    return isinstance(unit, BranchDeletable) and unit.can_delete_branch()
 
 
 @contextlib.contextmanager
@@ -59,8 +63,8 @@ def deleted(model: nn.Module, unit_name: str) -> Iterator[None]:
     """Temporarily replace the unit called ``unit_name`` by :class:`DeletedUnit`."""
     parent_name, _, child = unit_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    unit = getattr(parent, child) if not child.isdigit() else parent[int(child)]
-    if not deletable(unit):
+    unit = parent.get_submodule(child)
+    if not isinstance(unit, BranchDeletable) or not unit.can_delete_branch():
         raise ValueError(f"unit {unit_name} changes the shape and has no shortcut")
     parent._modules[child] = DeletedUnit(unit)
     try:
@@ -69,13 +73,18 @@ def deleted(model: nn.Module, unit_name: str) -> Iterator[None]:
         parent._modules[child] = unit
 
 
-def lesion_study(model: nn.Module, split: Any, *, evaluate_fn=None) -> dict[str, Any]:
+def lesion_study(
+    model: nn.Module,
+    split: Any,
+    *,
+    evaluate_fn: Callable[[nn.Module], float] | None = None,
+) -> dict[str, Any]:
     """Test accuracy with each unit deleted in turn (units that cannot be deleted get ``None``)."""
     if evaluate_fn is None:
         from reslab.train import evaluate
 
         def evaluate_fn(m: nn.Module) -> float:
-            return evaluate(m, split)["accuracy"]
+            return float(evaluate(m, split)["accuracy"])
 
     base = evaluate_fn(model)
     rows = []
@@ -102,7 +111,9 @@ def lesion_study(model: nn.Module, split: Any, *, evaluate_fn=None) -> dict[str,
     }
 
 
-def plot_lesion(results: dict[str, dict[str, Any]], out_dir, name: str = "lesion.png"):
+def plot_lesion(
+    results: dict[str, dict[str, Any]], out_dir: Path, name: str = "lesion.png"
+) -> Path:
     fig, axes = new_figure(size=(6.4, 3.6))
     ax = axes[0][0]
     n = len(results)
@@ -131,7 +142,7 @@ def lesion_rows(results: dict[str, dict[str, Any]]) -> Sequence[dict[str, Any]]:
 
 
 def run(
-    out_dir,
+    out_dir: Path,
     *,
     quick: bool = False,
     spec: TrainSpec | None = None,

@@ -8,9 +8,9 @@ non-residual ones; deeper ResNets have smaller responses still.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +26,7 @@ from reslab.analysis.training import (
     setup,
     train_twin,
 )
+from reslab.models import ResidualBlock
 
 __all__ = ["branch_responses", "plot_responses"]
 
@@ -48,11 +49,6 @@ class _RunningStd:
         return max(self.s2 / max(self.n, 1) - mean * mean, 0.0) ** 0.5
 
 
-def _branch_bns(unit: nn.Module) -> list[str]:
-    """Names of the BNs inside the residual branch of a reslab unit, in forward order."""
-    return [op for op in getattr(unit, "ops", []) if op.startswith("bn")]
-
-
 @torch.no_grad()
 def branch_responses(model: nn.Module, images: Tensor, *, batch_size: int = 256) -> dict[str, Any]:
     """Std of every 3x3 layer's BN output (``layers``: the stem's, where it has a BN, then every
@@ -70,12 +66,12 @@ def branch_responses(model: nn.Module, images: Tensor, *, batch_size: int = 256)
         order.append(("stem.bn1", "stem", False))
         handles.append(stem_bn.register_forward_hook(lambda m, i, o: stats["stem.bn1"].add(o)))
     for name, unit in find_blocks(model):
-        bns = _branch_bns(unit)
-        last = unit.last_branch_layer() if hasattr(unit, "last_branch_layer") else None
-        for bn in bns:
+        if not isinstance(unit, ResidualBlock):
+            continue  # only reslab's units say which of their layers are the branch's
+        last = unit.last_branch_layer()
+        for bn, module in unit.branch_norms():
             key = f"{name}.{bn}"
             stats[key] = _RunningStd()
-            module = getattr(unit, bn)
             order.append((key, name, module is last))
             handles.append(module.register_forward_hook(lambda m, i, o, key=key: stats[key].add(o)))
     was_training = model.training
@@ -94,7 +90,9 @@ def branch_responses(model: nn.Module, images: Tensor, *, batch_size: int = 256)
     return {"layers": layers, "units": [r for r in layers if r["last_in_branch"]]}
 
 
-def plot_responses(results: dict[str, dict[str, Any]], out_dir, name: str = "responses.png"):
+def plot_responses(
+    results: dict[str, dict[str, Any]], out_dir: Path, name: str = "responses.png"
+) -> Path:
     """Fig. 7 of He et al. 2015: std per layer in network order (top) and sorted (bottom)."""
     fig, axes = new_figure(nrows=2, size=(6.4, 3.0))
     for label, res in results.items():
@@ -130,7 +128,7 @@ def summarize(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run(
-    out_dir,
+    out_dir: Path,
     *,
     quick: bool = False,
     spec: TrainSpec | None = None,
@@ -143,13 +141,17 @@ def run(
     spec = spec or TrainSpec()
     splits, cfg = setup(spec, quick=quick, quick_iters=300, full_iters=2000)
     depths = tuple(depths or ((20,) if quick else (20, 56)))
-    results, init, summaries = {}, {}, {}
+    results: dict[str, dict[str, Any]] = {}
+    init: dict[str, dict[str, Any]] = {}
+    summaries: dict[str, dict[str, Any]] = {}
     bar = progress_bar(total=2 * len(depths), desc="responses", unit="net")
     for depth in depths:
         for family in ("plain", "resnet"):
             label = f"{family}-{depth}"
             run_ = train_twin(family, depth, splits, cfg, seed=spec.seed)
-            x = run_.model.input_norm(splits.test.images)
+            # the training set's normalisation, which the trainer attaches to the model
+            input_norm = cast(Callable[[Tensor], Tensor], run_.model.input_norm)
+            x = input_norm(splits.test.images)
             results[label] = branch_responses(run_.model, x)
             summaries[label] = light_summary(run_.summary)
             torch.manual_seed(spec.seed)

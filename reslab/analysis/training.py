@@ -9,12 +9,15 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from reslab.models import build_model, get_config
+from reslab.models import ResNet, cifar_config
+
+if TYPE_CHECKING:
+    from reslab.train import TrainConfig
 
 __all__ = [
     "TrainSpec",
@@ -39,25 +42,24 @@ def cifar_net(
     in_channels: int = 3,
     num_classes: int = 10,
     shortcut: str = "A",
-) -> nn.Module:
-    """He et al. 2015 §4.2's CIFAR net of ``depth = 6n + 2`` layers (or its plain twin)."""
-    if (depth - 2) % 6:
-        raise ValueError(f"CIFAR depth must be 6n+2 (20, 32, 44, 56, 110, ...), got {depth}")
-    n = (depth - 2) // 6
-    cfg = get_config(
-        "cifar_resnet20",
-        layers=(n, n, n),
+    norm: str = "batch",
+) -> ResNet:
+    """He et al. 2015 §4.2's CIFAR net of ``depth = 6n + 2`` layers (or its plain twin), built
+    by :func:`reslab.models.cifar_config`."""
+    cfg = cifar_config(
+        depth,
         ordering=ordering,
         in_channels=in_channels,
         num_classes=num_classes,
         shortcut=shortcut if residual else "none",
+        norm=norm,
     )
-    return build_model(cfg)
+    return ResNet(cfg)
 
 
 def recipe(
     data_name: str, iters: int, *, seed: int = 0, preset: str | None = None, **overrides: Any
-):
+) -> TrainConfig:
     """One recipe for every network of an experiment: the trainer's ``digits`` preset on the
     digits, its ``fast`` preset (SGD + Nesterov, one-cycle) elsewhere, cut to ``iters``;
     ``preset`` picks another (``"paper"``: He et al. 2015 §4.2)."""

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+
+from torch import nn
 
 from reslab.commands.options import positive_int
-from reslab.models import MODELS, ResNetConfig, create_model, get_config, list_models
+from reslab.models import DenseResNet, ResNet, create_model, list_models
 from reslab.models.reference import PAPER
 from reslab.summary import format_summary, summarize
 
@@ -35,13 +36,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_list)
 
 
-def default_input_size(name: str, **overrides: Any) -> tuple[int, int, int]:
-    cfg = MODELS[name]
-    if isinstance(cfg, ResNetConfig):
-        stem = overrides.get("stem", cfg.stem)
-        side = 224 if stem == "imagenet" else 32
-        return (int(overrides.get("in_channels", cfg.in_channels)), side, side)
-    return (1, 8, 8)  # dense nets: flattened 8x8 digits
+def default_input_size(model: nn.Module) -> tuple[int, ...]:
+    """The model's own input size (``pretrained_cfg``); dense nets read flattened 8x8 digits."""
+    if isinstance(model, ResNet):
+        return tuple(model.pretrained_cfg["input_size"])
+    return (1, 8, 8)
 
 
 def run_summary(args: argparse.Namespace) -> int:
@@ -55,7 +54,7 @@ def run_summary(args: argparse.Namespace) -> int:
         if v is not None
     }
     model = create_model(args.model, **overrides)
-    size = default_input_size(args.model, **overrides)
+    size = default_input_size(model)
     if args.input_size is not None:
         size = (size[0], args.input_size, args.input_size)
     summary = summarize(model, size, name=args.model)
@@ -74,9 +73,9 @@ def model_table(pattern: str | None = None) -> str:
         "|---|---:|---|---:|---:|---:|---:|---|",
     ]
     for name in list_models(pattern):
-        size = default_input_size(name)
         model = create_model(name)
-        depth = get_config(name).depth
+        size = default_input_size(model)
+        depth = model.config.depth if isinstance(model, ResNet | DenseResNet) else ""
         s = summarize(model, size, name=name)
         p_params, p_macs, source = PAPER.get(name, (None, None, ""))
         lines.append(

@@ -1,15 +1,39 @@
 """Residual networks as data: configs, building blocks and the model registry."""
 
-from reslab.models.blocks import BLOCKS, BasicBlock, Bottleneck, ResidualBlock
+from reslab.models.blocks import (
+    BasicBlock,
+    Bottleneck,
+    PreActBasicBlock,
+    PreActBottleneck,
+    ResidualBlock,
+)
 from reslab.models.config import ResNetConfig
 from reslab.models.dense import DenseConfig, DenseResidualLayer, DenseResNet, seed_example
-from reslab.models.layers import ORDERINGS, SHORTCUTS, STEMS, PadShortcut, ProjectionShortcut
-from reslab.models.resnet import ResNet
-from reslab.models.zoo import MODELS, build_model, create_model, get_config, list_models
+from reslab.models.features import FeatureInfo, FeatureListNet
+from reslab.models.layers import (
+    NORMS,
+    ORDERINGS,
+    SHORTCUTS,
+    STEMS,
+    PadShortcut,
+    ProjectionShortcut,
+    make_shortcut,
+)
+from reslab.models.ordered import OrderedBasicBlock, OrderedBlock, OrderedBottleneck
+from reslab.models.resnet import BLOCKS, ResNet, default_cfg, make_block
+from reslab.models.zoo import (
+    MODELS,
+    build_model,
+    cifar_config,
+    create_model,
+    get_config,
+    list_models,
+)
 
 __all__ = [
     "BLOCKS",
     "MODELS",
+    "NORMS",
     "ORDERINGS",
     "SHORTCUTS",
     "STEMS",
@@ -18,14 +42,25 @@ __all__ = [
     "DenseConfig",
     "DenseResNet",
     "DenseResidualLayer",
+    "FeatureInfo",
+    "FeatureListNet",
+    "OrderedBasicBlock",
+    "OrderedBlock",
+    "OrderedBottleneck",
     "PadShortcut",
+    "PreActBasicBlock",
+    "PreActBottleneck",
     "ProjectionShortcut",
     "ResNet",
     "ResNetConfig",
     "ResidualBlock",
     "build_model",
+    "cifar_config",
     "create_model",
+    "default_cfg",
     "get_config",
     "list_models",
+    "make_block",
+    "make_shortcut",
     "seed_example",
 ]

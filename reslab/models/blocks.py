@@ -1,42 +1,140 @@
-"""Residual units: basic (two 3x3) and bottleneck (1x1, 3x3, 1x1), in any ordering of
-He et al. 2016 Fig. 4, with or without a shortcut.
+"""Residual units, written as the papers' equations.
 
 A unit computes ``x_{l+1} = f(h(x_l) + F(x_l))`` (He et al. 2016, eqs. 1-2): ``h`` is the
-shortcut, ``F`` the residual branch and ``f`` the ops after the addition. The ordering decides
-where BN and ReLU go; the block type decides the weight layers.
+shortcut, ``F`` the residual branch and ``f`` what follows the addition.
+
+- :class:`BasicBlock`, :class:`Bottleneck`: post-activation, the "original" unit of He et al.
+  2015 (Fig. 5; He et al. 2016 Fig. 4(a)): ``F`` ends in BN and ``f`` is a ReLU.
+- :class:`PreActBasicBlock`, :class:`PreActBottleneck`: full pre-activation (He et al. 2016,
+  Fig. 4(e)): BN and ReLU precede every weight layer and ``f`` is the identity.
+
+The ablation orderings of He et al. 2016 Fig. 4(b-d) are op lists in
+:mod:`reslab.models.ordered`. The skip path is built by the caller
+(:func:`reslab.models.layers.make_shortcut`) and passed in, as torchvision passes ``downsample``.
+
+Layers are named as in torchvision (``conv1, bn1, conv2, bn2[, conv3, bn3], downsample``) so
+post-activation models load torchvision state dicts; ``bn{i}`` is the norm that belongs to weight
+layer ``i`` (after it post-activation, before it pre-activation). No op is in place: an in-place
+addition or ReLU breaks the full backward hooks the analysis tools rely on (pytorch#61519).
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
 
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
-from reslab.models.layers import (
-    ORDERINGS,
-    SHORTCUTS,
-    Ordering,
-    PadShortcut,
-    ProjectionShortcut,
-    check_choice,
-    conv2d,
-)
+from reslab.models.layers import NormLayer, ProjectionShortcut, check_choice, conv2d
 
-__all__ = ["BLOCKS", "BasicBlock", "Bottleneck", "ResidualBlock"]
+__all__ = [
+    "BasicBlock",
+    "Bottleneck",
+    "PreActBasicBlock",
+    "PreActBottleneck",
+    "ResidualBlock",
+    "bottleneck_strides",
+]
 
-ConvSpec = tuple[int, int, int, int]  # (in_channels, out_channels, kernel_size, stride)
+
+def bottleneck_strides(stride: int, stride_in: str) -> tuple[int, int]:
+    """Strides of a bottleneck's first 1x1 and its 3x3 conv.
+
+    The paper strides the first 1x1 (``stride_in="1x1"``); torchvision's "ResNet V1.5" moves the
+    stride to the 3x3 (``"3x3"``), which costs more multiply-adds and gains accuracy.
+    """
+    check_choice("stride_in", stride_in, ("1x1", "3x3"))
+    return (stride, 1) if stride_in == "1x1" else (1, stride)
+
+
+def _with_weight(*layers: nn.Module) -> nn.Module:
+    """The first of ``layers`` that has a weight (a norm layer may be an identity: norm="none")."""
+    for layer in layers:
+        if isinstance(getattr(layer, "weight", None), Tensor):
+            return layer
+    raise ValueError(f"none of {[type(m).__name__ for m in layers]} has a weight")
 
 
 class ResidualBlock(nn.Module):
-    """One residual unit; subclasses say which convolutions make up ``F``.
+    """What every residual unit offers the network and the analysis tools.
 
-    Layers are named as in torchvision (``conv1, bn1, conv2, bn2[, conv3, bn3], downsample``) so
-    post-activation models load torchvision state dicts; ``bn{i}`` is the BN that belongs to
-    weight layer ``i`` wherever the ordering puts it. No op is in place: in-place addition or ReLU
-    breaks the full backward hooks the analysis tools rely on (pytorch#61519).
+    ``downsample`` is the skip path ``h`` (None: the unit of a plain net, no addition). It keeps
+    torchvision's name so its state dicts load; the forwards call its output ``shortcut``.
+    Subclasses build the branch first and call :meth:`_set_shortcut` last: module order fixes the
+    order in which :func:`~reslab.models.layers.kaiming_init_` draws the weights.
+
+    For analysis: :meth:`forward_without_branch` (the unit with ``F`` deleted, for lesion
+    studies), :meth:`branch_norms` (the norm layers on the branch's weight-layer outputs, whose
+    outputs are He et al. 2015 Fig. 7's "responses"), :meth:`last_branch_layer`.
     """
 
-    expansion: ClassVar[int]
+    expansion: ClassVar[int] = 1  # out_channels = width * expansion
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+        self.shape_changes = stride != 1 or in_channels != out_channels
+        # Whether h reads the pre-activated input (pre-activation units only; see PreAct*).
+        self.shortcut_from_preact = False
+
+    def _set_shortcut(self, shortcut: nn.Module | None) -> None:
+        self.residual = shortcut is not None
+        self.downsample = shortcut
+
+    # -- analysis interface -------------------------------------------------------------------
+    def forward_without_branch(self, x: Tensor) -> Tensor:
+        """``f(h(x))``: the unit's output with its residual branch ``F`` deleted (Veit et al.
+        2016, §4). A plain unit has no ``h``: deleting it leaves ``x``, which needs the shape to
+        stay (:meth:`can_delete_branch`)."""
+        if self.downsample is None:
+            if self.shape_changes:
+                raise ValueError(
+                    f"a plain unit from {self.in_channels} to {self.out_channels} channels with "
+                    f"stride {self.stride} cannot be deleted: nothing would keep the shape"
+                )
+            return x
+        return self._after_add(self.downsample(self._shortcut_input(x)))
+
+    def can_delete_branch(self) -> bool:
+        """A residual unit always (its shortcut remains); a plain unit if it keeps the shape."""
+        return self.downsample is not None or not self.shape_changes
+
+    def branch_norms(self) -> list[tuple[str, nn.Module]]:
+        """(name, layer) of each norm layer applied to a weight layer's output inside ``F``, in
+        forward order: where He et al. 2015 (§4.2, Fig. 7) measure a layer's response ("after BN
+        and before other nonlinearity")."""
+        raise NotImplementedError
+
+    def last_branch_layer(self) -> nn.Module:
+        """The last layer of ``F`` with a weight before the addition (a BN, or a conv)."""
+        raise NotImplementedError
+
+    def _shortcut_input(self, x: Tensor) -> Tensor:
+        return x
+
+    def _after_add(self, y: Tensor) -> Tensor:
+        return y
+
+    def zero_init_last(self) -> None:
+        """Zero the branch's last BN scale (or last conv, where no BN follows it) so ``F = 0``
+        and the unit starts as the identity (Goyal et al. 2017, §5.1; He et al. 2016 keep the
+        identity path clean). For "BN after addition" the unit then computes ReLU(BN(x))."""
+        weight = self.last_branch_layer().weight
+        assert isinstance(weight, Tensor)
+        nn.init.zeros_(weight)
+
+
+# ------------------------------------------------------------------------------------------------
+# Post-activation ("original"): He et al. 2015, Fig. 5; He et al. 2016, Fig. 4(a)
+# ------------------------------------------------------------------------------------------------
+
+
+class BasicBlock(ResidualBlock):
+    """Two 3x3 convolutions (He et al. 2015, Fig. 5 left); the first one carries the stride.
+
+    ``x_{l+1} = ReLU(F(x) + h(x))`` with ``F = BN(conv(ReLU(BN(conv(x)))))`` (eq. 1).
+    """
+
+    expansion = 1
 
     def __init__(
         self,
@@ -44,123 +142,198 @@ class ResidualBlock(nn.Module):
         width: int,
         stride: int = 1,
         *,
-        ordering: str = "original",
-        shortcut: str = "B",
-        stride_in: str = "1x1",
-        first_unit: bool = False,
+        shortcut: nn.Module | None,
+        norm_layer: NormLayer = nn.BatchNorm2d,
     ) -> None:
-        super().__init__()
-        check_choice("ordering", ordering, ORDERINGS)
-        check_choice("shortcut", shortcut, SHORTCUTS)
-        self.ordering: Ordering = ORDERINGS[ordering]
-        self.out_channels = width * self.expansion
-        specs = self.conv_specs(in_channels, width, stride, stride_in)
-
-        # Build conv{i}/bn{i} and record the op sequence of the residual branch.
-        self.ops: list[str] = []
-        channels = in_channels
-        for i, (c_in, c_out, k, s) in enumerate(specs, start=1):
-            seq = self.ordering.last if i == len(specs) else self.ordering.inner
-            for op in seq:
-                if op == "conv":
-                    self.add_module(f"conv{i}", conv2d(c_in, c_out, k, s))
-                    channels = c_out
-                    self.ops.append(f"conv{i}")
-                elif op == "bn":
-                    self.add_module(f"bn{i}", nn.BatchNorm2d(channels))
-                    self.ops.append(f"bn{i}")
-                else:
-                    self.ops.append("act")
-        self.after_add: list[str] = []
-        for op in self.ordering.after_add:
-            if op == "bn":
-                name = f"bn{len(specs)}"
-                self.add_module(name, nn.BatchNorm2d(self.out_channels))
-                self.after_add.append(name)
-            else:
-                self.after_add.append("act")
+        super().__init__(in_channels, width * self.expansion, stride)
+        self.conv1 = conv2d(in_channels, width, 3, stride)
+        self.bn1 = norm_layer(width)
+        self.conv2 = conv2d(width, width, 3)
+        self.bn2 = norm_layer(width)
         self.act = nn.ReLU()
-
-        # The pre-activation prefix (BN/ReLU before conv1) is shared with a projection shortcut
-        # and, for the network's first unit, with the identity too: "for the first Residual Unit
-        # (that follows a stand-alone convolutional layer, conv1), we adopt the first activation
-        # right after conv1 and before splitting into two paths" (He et al. 2016, appendix).
-        n_pre = len(self.ordering.preact)
-        self.preact_ops, self.ops = self.ops[:n_pre], self.ops[n_pre:]
-
-        # The skip branch. Named ``downsample`` (not ``shortcut``) for torchvision's keys.
-        self.residual = shortcut != "none"
-        self.shape_changes = shape_changes = stride != 1 or in_channels != self.out_channels
-        self.downsample: nn.Module | None
-        if not self.residual:
-            self.downsample = None
-        elif shortcut == "C" or (shortcut == "B" and shape_changes):
-            norm = not self.preact_ops
-            self.downsample = ProjectionShortcut(in_channels, self.out_channels, stride, norm)
-        elif shape_changes:
-            self.downsample = PadShortcut(in_channels, self.out_channels, stride)
-        else:
-            self.downsample = nn.Identity()
-        self.shortcut_from_preact = bool(self.preact_ops) and (
-            first_unit or isinstance(self.downsample, ProjectionShortcut)
-        )
-
-    @staticmethod
-    def conv_specs(in_channels: int, width: int, stride: int, stride_in: str) -> list[ConvSpec]:
-        raise NotImplementedError
-
-    def _run(self, names: list[str], x: Tensor) -> Tensor:
-        for name in names:
-            x = getattr(self, name)(x)
-        return x
+        self._set_shortcut(shortcut)
 
     def forward(self, x: Tensor) -> Tensor:
-        pre = self._run(self.preact_ops, x)
-        out = self._run(self.ops, pre)  # F(x)
-        if self.downsample is not None:
-            shortcut = self.downsample(pre if self.shortcut_from_preact else x)  # h(x)
-            out = out + shortcut  # y = h(x) + F(x), never in place
-        return self._run(self.after_add, out)  # x_{l+1} = f(y)
+        out = self.act(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))  # F(x)
+        if self.downsample is None:  # the plain twin: no shortcut
+            return self.act(out)
+        shortcut = self.downsample(x)  # h(x)
+        return self.act(out + shortcut)  # x_{l+1} = ReLU(F(x) + h(x)), never in place
+
+    def branch_norms(self) -> list[tuple[str, nn.Module]]:
+        return [("bn1", self.bn1), ("bn2", self.bn2)]
 
     def last_branch_layer(self) -> nn.Module:
-        """The last parameterised layer of ``F`` before the addition (a BN, or a conv)."""
-        return getattr(self, self.ops[-1] if self.ops[-1] != "act" else self.ops[-2])
+        return _with_weight(self.bn2, self.conv2)
 
-    def zero_init_last(self) -> None:
-        """Zero the branch's last BN scale (or last conv, where no BN follows it) so ``F = 0``
-        and the unit starts as the identity (Goyal et al. 2017, §5.1; He et al. 2016 keep the
-        identity path clean). For "BN after addition" the unit then computes ReLU(BN(x))."""
-        nn.init.zeros_(self.last_branch_layer().weight)
-
-
-class BasicBlock(ResidualBlock):
-    """Two 3x3 convolutions (He et al. 2015, Fig. 5 left); the first one carries the stride."""
-
-    expansion = 1
-
-    @staticmethod
-    def conv_specs(in_channels: int, width: int, stride: int, stride_in: str) -> list[ConvSpec]:
-        return [(in_channels, width, 3, stride), (width, width, 3, 1)]
+    def _after_add(self, y: Tensor) -> Tensor:
+        return self.act(y)
 
 
 class Bottleneck(ResidualBlock):
-    """1x1 reduce, 3x3, 1x1 expand by 4 (He et al. 2015, Fig. 5 right).
+    """1x1 reduce, 3x3, 1x1 expand by 4 (He et al. 2015, Fig. 5 right), post-activation.
 
-    The paper strides the first 1x1 (``stride_in="1x1"``); torchvision's "ResNet V1.5" moves the
-    stride to the 3x3 (``"3x3"``), which costs more multiply-adds and gains accuracy.
+    ``stride_in`` says which conv carries the stride (:func:`bottleneck_strides`).
     """
 
     expansion = 4
 
-    @staticmethod
-    def conv_specs(in_channels: int, width: int, stride: int, stride_in: str) -> list[ConvSpec]:
-        check_choice("stride_in", stride_in, ("1x1", "3x3"))
-        s1, s3 = (stride, 1) if stride_in == "1x1" else (1, stride)
-        return [
-            (in_channels, width, 1, s1),
-            (width, width, 3, s3),
-            (width, width * Bottleneck.expansion, 1, 1),
-        ]
+    def __init__(
+        self,
+        in_channels: int,
+        width: int,
+        stride: int = 1,
+        *,
+        shortcut: nn.Module | None,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+        stride_in: str = "1x1",
+    ) -> None:
+        super().__init__(in_channels, width * self.expansion, stride)
+        s1, s3 = bottleneck_strides(stride, stride_in)
+        self.conv1 = conv2d(in_channels, width, 1, s1)
+        self.bn1 = norm_layer(width)
+        self.conv2 = conv2d(width, width, 3, s3)
+        self.bn2 = norm_layer(width)
+        self.conv3 = conv2d(width, self.out_channels, 1)
+        self.bn3 = norm_layer(self.out_channels)
+        self.act = nn.ReLU()
+        self._set_shortcut(shortcut)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.act(self.bn1(self.conv1(x)))
+        out = self.act(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))  # F(x)
+        if self.downsample is None:
+            return self.act(out)
+        shortcut = self.downsample(x)  # h(x)
+        return self.act(out + shortcut)
+
+    def branch_norms(self) -> list[tuple[str, nn.Module]]:
+        return [("bn1", self.bn1), ("bn2", self.bn2), ("bn3", self.bn3)]
+
+    def last_branch_layer(self) -> nn.Module:
+        return _with_weight(self.bn3, self.conv3)
+
+    def _after_add(self, y: Tensor) -> Tensor:
+        return self.act(y)
 
 
-BLOCKS: dict[str, type[ResidualBlock]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
+# ------------------------------------------------------------------------------------------------
+# Full pre-activation: He et al. 2016, Fig. 4(e)
+# ------------------------------------------------------------------------------------------------
+
+
+def _reads_preact(shortcut: nn.Module | None, first_unit: bool) -> bool:
+    """Whether a pre-activation unit's shortcut reads BN-ReLU(x) rather than x.
+
+    A projection shares the unit's pre-activation (the authors' Torch code, timm's ResNetV2), and
+    so does the network's first unit: "for the first Residual Unit (that follows a stand-alone
+    convolutional layer, conv1), we adopt the first activation right after conv1 and before
+    splitting into two paths" (He et al. 2016, appendix).
+    """
+    return first_unit or isinstance(shortcut, ProjectionShortcut)
+
+
+class PreActBasicBlock(ResidualBlock):
+    """Two 3x3 convolutions, each after BN-ReLU (He et al. 2016, Fig. 4(e)).
+
+    ``x_{l+1} = x_l + F(x_l)`` with ``F = conv(ReLU(BN(conv(ReLU(BN(x))))))`` (eq. 1 with ``f``
+    the identity): the shortcut path carries ``x_l`` untouched from unit to unit.
+    """
+
+    expansion = 1
+
+    def __init__(
+        self,
+        in_channels: int,
+        width: int,
+        stride: int = 1,
+        *,
+        shortcut: nn.Module | None,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+        first_unit: bool = False,
+    ) -> None:
+        super().__init__(in_channels, width * self.expansion, stride)
+        self.bn1 = norm_layer(in_channels)
+        self.conv1 = conv2d(in_channels, width, 3, stride)
+        self.bn2 = norm_layer(width)
+        self.conv2 = conv2d(width, width, 3)
+        self.act = nn.ReLU()
+        self._set_shortcut(shortcut)
+        self.shortcut_from_preact = _reads_preact(shortcut, first_unit)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pre = self.act(self.bn1(x))  # the pre-activation
+        out = self.conv1(pre)
+        out = self.conv2(self.act(self.bn2(out)))  # F(x)
+        if self.downsample is None:
+            return out
+        shortcut = self.downsample(pre if self.shortcut_from_preact else x)  # h(x)
+        return out + shortcut  # x_{l+1} = h(x) + F(x), nothing after the addition
+
+    def branch_norms(self) -> list[tuple[str, nn.Module]]:
+        return [("bn2", self.bn2)]  # bn1 normalises the unit's input, not a layer of F
+
+    def last_branch_layer(self) -> nn.Module:
+        return self.conv2
+
+    def _shortcut_input(self, x: Tensor) -> Tensor:
+        return self.act(self.bn1(x)) if self.shortcut_from_preact else x
+
+
+class PreActBottleneck(ResidualBlock):
+    """1x1 reduce, 3x3, 1x1 expand by 4, each after BN-ReLU (He et al. 2016, Fig. 4(e) and the
+    CIFAR ResNet-164/1001 of Table 3)."""
+
+    expansion = 4
+
+    def __init__(
+        self,
+        in_channels: int,
+        width: int,
+        stride: int = 1,
+        *,
+        shortcut: nn.Module | None,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+        stride_in: str = "1x1",
+        first_unit: bool = False,
+    ) -> None:
+        super().__init__(in_channels, width * self.expansion, stride)
+        s1, s3 = bottleneck_strides(stride, stride_in)
+        self.bn1 = norm_layer(in_channels)
+        self.conv1 = conv2d(in_channels, width, 1, s1)
+        self.bn2 = norm_layer(width)
+        self.conv2 = conv2d(width, width, 3, s3)
+        self.bn3 = norm_layer(width)
+        self.conv3 = conv2d(width, self.out_channels, 1)
+        self.act = nn.ReLU()
+        self._set_shortcut(shortcut)
+        self.shortcut_from_preact = _reads_preact(shortcut, first_unit)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pre = self.act(self.bn1(x))
+        out = self.conv1(pre)
+        out = self.conv2(self.act(self.bn2(out)))
+        out = self.conv3(self.act(self.bn3(out)))  # F(x)
+        if self.downsample is None:
+            return out
+        shortcut = self.downsample(pre if self.shortcut_from_preact else x)  # h(x)
+        return out + shortcut
+
+    def branch_norms(self) -> list[tuple[str, nn.Module]]:
+        return [("bn2", self.bn2), ("bn3", self.bn3)]
+
+    def last_branch_layer(self) -> nn.Module:
+        return self.conv3
+
+    def _shortcut_input(self, x: Tensor) -> Tensor:
+        return self.act(self.bn1(x)) if self.shortcut_from_preact else x
+
+
+class UnitLeafTracer(fx.Tracer):
+    """Traces a network down to its residual units and no further, so that TorchScript compiles
+    each unit's own ``forward`` (see ``ResNet.__prepare_scriptable__``)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, ResidualBlock) or super().is_leaf_module(m, module_qualified_name)

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from reslab.models.layers import ORDERINGS, SHORTCUTS, STEMS, check_choice
+from reslab.models.layers import NORMS, ORDERINGS, SHORTCUTS, STEMS, check_choice
 
 __all__ = ["ResNetConfig"]
 
@@ -26,7 +26,8 @@ class ResNetConfig:
     ordering: str = "original"  # key of ORDERINGS (He et al. 2016, Fig. 4)
     shortcut: str = "B"  # key of SHORTCUTS: "A", "B", "C" or "none" (plain net)
     stride_in: str = "1x1"  # bottleneck stride on the first 1x1 (paper) or the 3x3 ("v1.5")
-    num_classes: int = 1000
+    norm: str = "batch"  # key of NORMS: "batch" (BatchNorm, He et al. 2015 §3.4) or "none"
+    num_classes: int = 1000  # 0: no classifier, the model returns its pooled features
     in_channels: int = 3
     zero_init_residual: bool = False  # start every unit's branch at zero (Goyal et al. 2017)
 
@@ -36,11 +37,14 @@ class ResNetConfig:
         check_choice("ordering", self.ordering, ORDERINGS)
         check_choice("shortcut", self.shortcut, SHORTCUTS)
         check_choice("stride_in", self.stride_in, ("1x1", "3x3"))
+        check_choice("norm", self.norm, NORMS)
         if len(self.layers) != len(self.widths) or not self.layers:
             raise ValueError(
                 f"layers {self.layers} and widths {self.widths} must be non-empty and equally long"
             )
-        for name in ("num_classes", "in_channels", "stem_width"):
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0: no classifier), got {self.num_classes}")
+        for name in ("in_channels", "stem_width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.zero_init_residual and self.shortcut == "none":

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from reslab.models.layers import check_choice
 
@@ -123,6 +123,19 @@ class DenseResidualLayer(nn.Module):
             return self.branch(y)
         return self.proj(y) + self.tau * self.branch(y)
 
+    def forward_without_branch(self, y: Tensor) -> Tensor:
+        """``P y``: the layer with its update deleted (a lesion, Veit et al. 2016 §4). A plain
+        layer leaves ``y``, which needs equal widths (:meth:`can_delete_branch`)."""
+        if not self.can_delete_branch():
+            raise ValueError(
+                f"a plain layer from {self.linear.in_features} to {self.linear.out_features} "
+                "features cannot be deleted: nothing would keep the shape"
+            )
+        return self.proj(y) if self.residual else y
+
+    def can_delete_branch(self) -> bool:
+        return self.residual or self.linear.in_features == self.linear.out_features
+
 
 class DenseResNet(nn.Module):
     """A stack of :class:`DenseResidualLayer`; images are flattened first."""
@@ -131,7 +144,7 @@ class DenseResNet(nn.Module):
         super().__init__()
         self.config = config
         learn = config.tau_mode == "learnable"
-        self.layers = nn.ModuleList(
+        self.layers: nn.ModuleList = nn.ModuleList(
             DenseResidualLayer(
                 n_in,
                 n_out,
@@ -148,22 +161,20 @@ class DenseResNet(nn.Module):
         )
         if config.gain != 1.0:
             with torch.no_grad():
-                for layer in self.layers:
+                for layer in self.dense_layers():
                     layer.linear.weight.mul_(config.gain)
+        self.in_features = config.widths[0]
         self.num_features = config.widths[-1]
-        self.fc: nn.Module = (
-            nn.Linear(self.num_features, config.num_classes)
-            if config.num_classes
-            else nn.Identity()
-        )
+        self.num_classes = config.num_classes
+        self.fc: nn.Module = self._classifier(config.num_classes)
+
+    def dense_layers(self) -> list[DenseResidualLayer]:
+        """The residual layers, in forward order, typed."""
+        return [layer for layer in self.layers if isinstance(layer, DenseResidualLayer)]
 
     def forward_features(self, x: Tensor) -> Tensor:
         x = torch.flatten(x, 1)
-        if x.shape[1] != self.config.widths[0]:
-            raise ValueError(
-                f"expected {self.config.widths[0]} input features per sample, got input of shape "
-                f"{tuple(x.shape)} ({x.shape[1]} after flattening)"
-            )
+        check_features(x, self.in_features)
         for layer in self.layers:
             x = layer(x)
         return x
@@ -174,11 +185,37 @@ class DenseResNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def _classifier(self, num_classes: int) -> nn.Module:
+        return nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
     def reset_classifier(self, num_classes: int) -> None:
+        """A fresh read-out of ``num_classes`` outputs; 0 removes it (the model returns ``y_L``)."""
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0: no read-out), got {num_classes}")
         w = next(self.parameters())  # the new head lives with the net, in its dtype (the old
         # head may be an Identity: num_classes=0, no read-out layer)
-        self.fc = nn.Linear(self.num_features, num_classes).to(device=w.device, dtype=w.dtype)
+        self.fc = self._classifier(num_classes).to(device=w.device, dtype=w.dtype)
+        self.num_classes = num_classes
         self.config = dataclasses.replace(self.config, num_classes=num_classes)
+
+
+# fx.wrap: traced graphs keep the check as one call instead of tracing into its branches;
+# has_side_effect: and graph clean-ups (create_feature_extractor's) keep that call, which returns
+# nothing anyone reads
+@fx.node.has_side_effect
+@fx.wrap
+def check_features(x: Tensor, in_features: int) -> None:
+    """Raise a ``ValueError`` unless the flattened input ``x`` has ``in_features`` per sample."""
+    if x.shape[1] != in_features:
+        if torch.jit.is_scripting():
+            raise ValueError(f"expected {in_features} input features per sample")
+        raise ValueError(
+            f"expected {in_features} input features per sample, got input of shape "
+            f"{tuple(x.shape)} ({x.shape[1]} after flattening)"
+        )
 
 
 def seed_example(activation: str = "sigmoid", residual: bool = True) -> DenseResNet:

@@ -7,24 +7,32 @@ References
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 __all__ = [
+    "NORMS",
     "ORDERINGS",
     "SHORTCUTS",
     "STEMS",
+    "NormLayer",
     "Ordering",
     "PadShortcut",
     "ProjectionShortcut",
+    "ShortcutOption",
     "StemSpec",
     "check_choice",
+    "check_input",
+    "make_shortcut",
+    "traced_for_script",
 ]
 
 
-def check_choice(kind: str, value: str, choices: dict | tuple | list) -> None:
+def check_choice(kind: str, value: str, choices: Collection[str]) -> None:
     """Raise a ``ValueError`` that lists the valid choices when ``value`` is not one of them."""
     if value not in choices:
         valid = ", ".join(repr(c) for c in choices)
@@ -32,16 +40,22 @@ def check_choice(kind: str, value: str, choices: dict | tuple | list) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Shortcuts (He et al. 2015, §3.3 and §4.1 "Identity vs. Projection Shortcuts")
+# Normalisation layers
 # --------------------------------------------------------------------------------------------
 
-#: Shortcut options of He et al. 2015 §4.1, plus ``"none"`` for the plain (no-shortcut) twin.
-SHORTCUTS: dict[str, str] = {
-    "A": "identity; zero-padding (and subsampling) where the shape changes, parameter-free",
-    "B": "identity; 1x1 projection where the shape changes",
-    "C": "1x1 projection on every block",
-    "none": "no shortcut: the plain network of He et al. 2015, Table 2",
-}
+#: Builds the normalisation layer for ``num_features`` channels (torchvision's ``norm_layer``).
+NormLayer = Callable[[int], nn.Module]
+
+
+def no_norm(num_features: int) -> nn.Module:
+    """No normalisation: an identity where the norm layer would be, so the other module names
+    (and the rest of the state dict) stay those of the normalised net. Seed 001 asks what deep
+    plain nets do without BatchNorm; the gradient-flow sweeps build such nets with this."""
+    return nn.Identity()
+
+
+#: ``ResNetConfig.norm``: the normalisation after each convolution (He et al. 2015 §3.4: BN).
+NORMS: dict[str, NormLayer] = {"batch": nn.BatchNorm2d, "none": no_norm}
 
 
 class PadShortcut(nn.Module):
@@ -76,13 +90,76 @@ class ProjectionShortcut(nn.Sequential):
     (as in the authors' Torch code and timm's ResNetV2).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, norm: bool) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: int, norm_layer: NormLayer | None = None
+    ) -> None:
         layers: list[nn.Module] = [
             nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
         ]
-        if norm:
-            layers.append(nn.BatchNorm2d(out_channels))
+        if norm_layer is not None:
+            layers.append(norm_layer(out_channels))
         super().__init__(*layers)
+
+
+def _option_a(
+    in_channels: int, out_channels: int, stride: int, norm_layer: NormLayer | None
+) -> nn.Module:
+    if stride == 1 and in_channels == out_channels:
+        return nn.Identity()
+    return PadShortcut(in_channels, out_channels, stride)
+
+
+def _option_b(
+    in_channels: int, out_channels: int, stride: int, norm_layer: NormLayer | None
+) -> nn.Module:
+    if stride == 1 and in_channels == out_channels:
+        return nn.Identity()
+    return ProjectionShortcut(in_channels, out_channels, stride, norm_layer)
+
+
+def _option_c(
+    in_channels: int, out_channels: int, stride: int, norm_layer: NormLayer | None
+) -> nn.Module:
+    return ProjectionShortcut(in_channels, out_channels, stride, norm_layer)
+
+
+def _no_shortcut(
+    in_channels: int, out_channels: int, stride: int, norm_layer: NormLayer | None
+) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class ShortcutOption:
+    """One way to build a unit's skip path ``h``: ``build(in_channels, out_channels, stride,
+    norm_layer)`` returns the module, or None for no skip path (the plain twin)."""
+
+    description: str
+    build: Callable[[int, int, int, NormLayer | None], nn.Module | None]
+
+
+#: Shortcut options of He et al. 2015 §4.1, plus ``"none"`` for the plain (no-shortcut) twin.
+SHORTCUTS: dict[str, ShortcutOption] = {
+    "A": ShortcutOption(
+        "identity; zero-padding (and subsampling) where the shape changes, parameter-free",
+        _option_a,
+    ),
+    "B": ShortcutOption("identity; 1x1 projection where the shape changes", _option_b),
+    "C": ShortcutOption("1x1 projection on every block", _option_c),
+    "none": ShortcutOption(
+        "no shortcut: the plain network of He et al. 2015, Table 2", _no_shortcut
+    ),
+}
+
+
+def make_shortcut(
+    option: str, in_channels: int, out_channels: int, stride: int, *, norm_layer: NormLayer | None
+) -> nn.Module | None:
+    """The skip path ``h`` of one unit under shortcut ``option`` (a key of :data:`SHORTCUTS`);
+    None for ``"none"``. ``norm_layer`` follows a projection (None: a bare 1x1 conv, as in
+    pre-activation nets, whose projection reads an already normalised input)."""
+    check_choice("shortcut", option, SHORTCUTS)
+    return SHORTCUTS[option].build(in_channels, out_channels, stride, norm_layer)
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,21 +248,48 @@ ORDERINGS: dict[str, Ordering] = {
 # --------------------------------------------------------------------------------------------
 
 
+#: Per-channel RGB statistics of the data sets the stems were designed for, in [0, 1] pixels:
+#: ImageNet's as torchvision and timm use them; CIFAR-10's training set as commonly quoted.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
 @dataclass(frozen=True)
 class StemSpec:
-    """The layers before the first residual stage."""
+    """The layers before the first residual stage, and the input they were designed for."""
 
     kernel_size: int
     stride: int
     max_pool: bool
     description: str
+    image_size: int  # side of the network input in pixels
+    crop_pct: float  # image_size / side of the resized image before the centre crop
+    mean: tuple[float, ...]  # RGB normalisation of the data set the stem was designed for
+    std: tuple[float, ...]
+
+    @property
+    def reduction(self) -> int:
+        """How much the stem (conv stride and max-pool) shrinks the input's side."""
+        return self.stride * (2 if self.max_pool else 1)
 
 
 STEMS: dict[str, StemSpec] = {
-    # He et al. 2015, Table 1: "7x7, 64, stride 2" then "3x3 max pool, stride 2".
-    "imagenet": StemSpec(7, 2, True, "7x7/2 conv + 3x3/2 max-pool (ImageNet, Table 1)"),
+    # He et al. 2015, Table 1: "7x7, 64, stride 2" then "3x3 max pool, stride 2"; 224x224 crops
+    # (§3.4), evaluated as torchvision does: resize to 256, centre crop 224.
+    "imagenet": StemSpec(
+        7,
+        2,
+        True,
+        "7x7/2 conv + 3x3/2 max-pool (ImageNet, Table 1)",
+        224,
+        0.875,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+    ),
     # He et al. 2015, §4.2: "The first layer is 3x3 convolutions" on 32x32 inputs, no pooling.
-    "cifar": StemSpec(3, 1, False, "3x3/1 conv, no pooling (CIFAR, §4.2)"),
+    "cifar": StemSpec(
+        3, 1, False, "3x3/1 conv, no pooling (CIFAR, §4.2)", 32, 1.0, CIFAR10_MEAN, CIFAR10_STD
+    ),
 }
 
 
@@ -194,6 +298,41 @@ def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 
     return nn.Conv2d(
         in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=False
     )
+
+
+# fx.wrap: traced graphs keep the check as one call instead of tracing into its branches;
+# has_side_effect: and graph clean-ups (create_feature_extractor's) keep that call, which returns
+# nothing anyone reads
+@fx.node.has_side_effect
+@fx.wrap
+def check_input(x: Tensor, in_channels: int) -> None:
+    """Raise a ``ValueError`` naming both shapes unless ``x`` is ``(N, in_channels, H, W)``.
+
+    Works eagerly, in ``torch.fx`` graphs (each module that calls it registers it with
+    ``fx.wrap``), under ``torch.export`` (the channel count is static, so the check becomes the
+    exported program's shape guard) and in TorchScript.
+    """
+    if x.dim() != 4 or x.shape[1] != in_channels:
+        if torch.jit.is_scripting():
+            raise ValueError(
+                f"expected input of shape (N, {in_channels}, H, W); "
+                f"this model was built with in_channels={in_channels}"
+            )
+        raise ValueError(
+            f"expected input of shape (N, {in_channels}, H, W), got {tuple(x.shape)}; "
+            f"this model was built with in_channels={in_channels}"
+        )
+
+
+def traced_for_script(module: nn.Module, tracer: fx.Tracer | None = None) -> fx.GraphModule:
+    """``module``'s ``torch.fx`` graph as a module TorchScript can compile: same submodules under
+    the same names. Postponed annotations (``from __future__ import annotations``) reach fx as
+    strings TorchScript cannot read back; unannotated arguments are Tensors to it anyway."""
+    graph = (tracer or fx.Tracer()).trace(module)
+    for node in graph.nodes:
+        if isinstance(node.type, str):
+            node.type = None
+    return fx.GraphModule(module, graph, type(module).__name__)
 
 
 def kaiming_init_(module: nn.Module) -> None:

@@ -5,34 +5,59 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
 from reslab.models.config import ResNetConfig
 from reslab.models.dense import DenseConfig, DenseResNet
+from reslab.models.features import FeatureListNet
+from reslab.models.layers import check_choice
 from reslab.models.resnet import ResNet
 
-__all__ = ["MODELS", "build_model", "create_model", "get_config", "list_models"]
+__all__ = [
+    "MODELS",
+    "build_model",
+    "cifar_config",
+    "create_model",
+    "get_config",
+    "list_models",
+]
 
 Config = ResNetConfig | DenseConfig
 
 _BASIC, _BOTTLENECK = "basic", "bottleneck"
-_CIFAR = dict(stem="cifar", stem_width=16, widths=(16, 32, 64), num_classes=10)
 
 
-def _cifar(n: int, **kw: Any) -> ResNetConfig:
-    """He et al. 2015 §4.2: 6n+2 layers, 2n per stage of widths 16/32/64, option A."""
-    return ResNetConfig(
-        block=_BASIC, layers=(n, n, n), shortcut=kw.pop("shortcut", "A"), **_CIFAR, **kw
-    )
+def cifar_config(depth: int, *, block: str = _BASIC, **overrides: Any) -> ResNetConfig:
+    """The CIFAR-10 network of ``depth`` weight layers: three stages on 32x32 inputs with a 3x3
+    stem of 16 channels, 10 classes. The one place CIFAR nets are built from a depth.
 
+    - ``block="basic"``: He et al. 2015 §4.2, ``6n + 2`` layers (20, 32, 44, 56, 110, 1202),
+      ``2n`` per stage of widths 16/32/64, option A shortcuts.
+    - ``block="bottleneck"``: He et al. 2016 §4.2 / Table 3, ``9n + 2`` layers (164, 1001),
+      bottleneck outputs 64/128/256, option B shortcuts.
 
-def _cifar_bottleneck(n: int, **kw: Any) -> ResNetConfig:
-    """He et al. 2016 §4.2/Table 4: 9n+2 layers, bottleneck units with outputs 64/128/256."""
-    return ResNetConfig(
-        block=_BOTTLENECK, layers=(n, n, n), ordering="full_preact", shortcut="B", **_CIFAR, **kw
-    )
+    ``overrides`` are other :class:`ResNetConfig` fields (``ordering``, ``shortcut``, ...).
+    """
+    check_choice("block", block, (_BASIC, _BOTTLENECK))
+    per_unit = 2 if block == _BASIC else 3
+    n, rest = divmod(depth - 2, 3 * per_unit)
+    if rest or n < 1:
+        first = [3 * per_unit * k + 2 for k in (1, 2, 3)]
+        raise ValueError(
+            f"a CIFAR net of {block} units has {3 * per_unit}n+2 weight layers "
+            f"({', '.join(map(str, first))}, ...); got depth {depth}"
+        )
+    defaults: dict[str, Any] = {
+        "stem": "cifar",
+        "stem_width": 16,
+        "widths": (16, 32, 64),
+        "num_classes": 10,
+        "shortcut": "A" if block == _BASIC else "B",
+    }
+    return ResNetConfig(block=block, layers=(n, n, n), **{**defaults, **overrides})
 
 
 _IMAGENET_LAYERS = {
@@ -61,12 +86,14 @@ MODELS: dict[str, Config] = {
     # He et al. 2015, Table 2: plain twins of ResNet-18/34.
     **{f"plain{d}": _imagenet(d, shortcut="none") for d in (18, 34)},
     # He et al. 2015, §4.2 and Table 6: CIFAR-10 nets of 6n+2 layers.
-    **{f"cifar_resnet{6 * n + 2}": _cifar(n) for n in (3, 5, 7, 9, 18, 200)},
-    **{f"cifar_plain{6 * n + 2}": _cifar(n, shortcut="none") for n in (3, 5, 7, 9, 18)},
+    **{f"cifar_resnet{d}": cifar_config(d) for d in (20, 32, 44, 56, 110, 1202)},
+    **{f"cifar_plain{d}": cifar_config(d, shortcut="none") for d in (20, 32, 44, 56, 110)},
     # He et al. 2016, Tables 3-4: pre-activation CIFAR nets.
-    "cifar_preact_resnet110": _cifar(18, ordering="full_preact"),
-    "cifar_preact_resnet164": _cifar_bottleneck(18),
-    "cifar_preact_resnet1001": _cifar_bottleneck(111),
+    "cifar_preact_resnet110": cifar_config(110, ordering="full_preact"),
+    **{
+        f"cifar_preact_resnet{d}": cifar_config(d, block=_BOTTLENECK, ordering="full_preact")
+        for d in (164, 1001)
+    },
     # Seed 000's dense residual layer y + tau*sigma(Wy + b), on flattened 8x8 digits.
     **{
         f"dense_resnet{d}": DenseConfig.uniform(64, 64, d, residual=True, tau=1.0 / d**0.5)
@@ -106,8 +133,20 @@ def build_model(config: Config) -> nn.Module:
     return ResNet(config)
 
 
-def create_model(name: str, **overrides: Any) -> nn.Module:
+def create_model(
+    name: str,
+    *,
+    features_only: bool = False,
+    out_indices: int | Sequence[int] | None = None,
+    **overrides: Any,
+) -> nn.Module:
     """Build a registered model, e.g. ``create_model("resnet50", num_classes=10, stem="cifar")``.
+
+    ``overrides`` replace fields of the model's config. ``num_classes=0`` builds it without a
+    classifier (it returns pooled features). ``features_only=True`` returns a
+    :class:`~reslab.models.features.FeatureListNet` giving the feature maps of the levels in
+    ``out_indices`` (0: the stem, ``i``: stage ``i``; an int ``k``: the last ``k``; default all),
+    as timm does; convolutional models only.
 
     ``pretrained=PATH`` (and optionally ``pretrained_sha256=HEX``) then initialises it from a
     weight file with :func:`reslab.transfer.load_pretrained`, adapting the first layer to
@@ -116,7 +155,27 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     ``stride_in="3x3"`` unless ``stride_in`` is given; what the load report notes beyond that is
     raised as a warning.
     """
+    if out_indices is not None and not features_only:
+        raise ValueError("out_indices selects feature levels: it needs features_only=True")
+    if features_only:
+        if not isinstance(get_config(name), ResNetConfig):
+            raise ValueError(
+                f"features_only needs a convolutional model; {name!r} is a dense net, whose "
+                "layers have no spatial feature levels"
+            )
+        model = create_model(name, **overrides)
+        assert isinstance(model, ResNet)
+        return FeatureListNet(model, out_indices)
+
     pretrained = overrides.pop("pretrained", None)
+    if pretrained is True:
+        raise ValueError(
+            "pretrained=True would download weights, which reslab never does: pass the path of "
+            f"a weight file instead, e.g. create_model({name!r}, pretrained='weights.pth') "
+            "(a reslab checkpoint, or a torchvision or timm state dict)"
+        )
+    if pretrained is False:
+        pretrained = None
     sha256 = overrides.pop("pretrained_sha256", None)
     if sha256 is not None and pretrained is None:
         raise ValueError("pretrained_sha256 needs pretrained=PATH")
