@@ -202,18 +202,8 @@ def test_ten_crops_of_images_at_the_input_size_are_the_mirror_average(digits) ->
 
 # -- exact resume and DDP on the streaming path -------------------------------------------------
 def _stream_cfg(**kw) -> TrainConfig:
-    return TrainConfig.preset(
-        "digits",
-        **{
-            "iters": 9,
-            "batch_size": 6,
-            "eval_every": 3,
-            "augmentation": "photo",
-            "flip": True,
-            "eval_test": False,
-            **kw,
-        },  # fmt: skip
-    )
+    base = {"iters": 9, "batch_size": 6, "eval_every": 3, "augmentation": "photo"}
+    return TrainConfig.preset("digits", **{**base, "flip": True, "eval_test": False, **kw})
 
 
 def test_streaming_resume_through_fit_is_bit_identical(photos: Path, tmp_path: Path) -> None:
