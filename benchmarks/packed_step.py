@@ -16,7 +16,10 @@ them alike; the rate reported is the median over rounds. Variants:
 - ``packed, torch SGD``: the packed network with ``torch.optim.SGD`` (every member at one rate,
   no mask), to show what PackedSGD's extra work costs.
 
-Images per second count every member's images (K x batch per packed step). Writes
+Images per second count every member's images (K x batch per packed step). Beside the whole
+step, one 3x3 convolution of each ResNet stage is timed (forward + backward) as K separate
+convolutions and as one grouped convolution, in both layouts, with the kernel that ran it (from
+torch.profiler): whether grouped convolutions have a fast path. Writes
 benchmarks/results/packed_step.json.
 """
 
@@ -107,6 +110,67 @@ def make_variants(
     }
 
 
+def _conv_pair(channels: int, side: int, k: int, batch: int, device: torch.device,
+               channels_last: bool, repeats: int) -> dict:  # fmt: skip
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def conv(c: int, groups: int) -> torch.nn.Conv2d:
+        layer = torch.nn.Conv2d(c, c, 3, padding=1, groups=groups, bias=False)
+        return layer.to(device, memory_format=fmt)
+
+    def batch_of(c: int) -> torch.Tensor:
+        x = torch.randn(batch, c, side, side, device=device)
+        return x.to(memory_format=fmt).requires_grad_()
+
+    x, convs = batch_of(channels), [conv(channels, 1) for _ in range(k)]
+    xk, grouped = batch_of(k * channels), conv(k * channels, k)
+
+    def separate() -> None:
+        for c in convs:
+            c(x).sum().backward()
+
+    def packed() -> None:
+        grouped(xk).sum().backward()
+
+    times: dict[str, list[float]] = {"separate": [], "grouped": []}
+    separate(), packed()  # the first calls create the oneDNN primitives
+    for _ in range(repeats):
+        for name, fn in (("separate", separate), ("grouped", packed)):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    with torch.profiler.profile() as prof:
+        packed()
+    generic = ("aten::conv2d", "aten::convolution", "aten::_convolution")
+    kernels = sorted({e.key for e in prof.key_averages() if "conv" in e.key} - set(generic))
+    return {
+        "channels": channels,
+        "side": side,
+        "layout": "channels_last" if channels_last else "NCHW",
+        "separate_seconds": min(times["separate"]),
+        "grouped_seconds": min(times["grouped"]),
+        "grouped_kernels": kernels,
+    }
+
+
+def conv_layers(k: int, batch: int, device: torch.device, repeats: int) -> list[dict]:
+    """Forward + backward of one 3x3 convolution per ResNet stage (16 channels at 32 px, 32 at
+    16, 64 at 8): K separate ones against one grouped one, NCHW and channels_last; best of
+    ``repeats`` (interleaved), and the aten kernels that ran the grouped one."""
+    rows = []
+    for channels, side in ((16, 32), (32, 16), (64, 8)) if repeats else ():
+        for cl in (False, True):
+            r = _conv_pair(channels, side, k, batch, device, cl, repeats)
+            rows.append(r)
+            print(f"conv {channels:>2} ch {side:>2} px {r['layout']:<13} {k} separate "
+                  f"{1e3 * r['separate_seconds']:7.1f} ms, grouped "
+                  f"{1e3 * r['grouped_seconds']:7.1f} ms  {r['grouped_kernels']}",
+                  flush=True)  # fmt: skip
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="cifar_resnet20")
@@ -117,6 +181,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--conv-repeats", type=int, default=5, help="0: skip the convolution check")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/packed_step.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -156,6 +221,7 @@ def main() -> None:
             "packed torch SGD / packed": by_name[f"packed, torch SGD, {layout}"]
             / by_name[f"packed, {layout}"],
         }
+    convs = conv_layers(args.members, args.batch_size, device, args.conv_repeats)
     for row in rows:
         print(f"{row['variant']:<36} {row['images_per_second']:8.0f} img/s")
     for layout, r in ratios.items():
@@ -175,6 +241,7 @@ def main() -> None:
             "load_average": loads,
             "rows": rows,
             "ratios": ratios,
+            "conv_layers": convs,
         },
     )
 

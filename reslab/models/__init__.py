@@ -4,6 +4,7 @@ from reslab.models.blocks import BLOCKS, BasicBlock, Bottleneck, ResidualBlock
 from reslab.models.config import ResNetConfig
 from reslab.models.dense import DenseConfig, DenseResidualLayer, DenseResNet, seed_example
 from reslab.models.layers import ORDERINGS, SHORTCUTS, STEMS, PadShortcut, ProjectionShortcut
+from reslab.models.packed import PackedNet, build_packed, pack, unpack
 from reslab.models.resnet import ResNet
 from reslab.models.zoo import MODELS, build_model, create_model, get_config, list_models
 
@@ -29,3 +30,4 @@ __all__ = [
     "list_models",
     "seed_example",
 ]
+__all__ += ["PackedNet", "build_packed", "pack", "unpack"]

@@ -114,12 +114,6 @@ class MemberWise(nn.Module):
         return out.unflatten(0, (n, self.members)).flatten(1, 2)  # (N, K*C', ...)
 
 
-def _cat(tensors: Sequence[Tensor | None]) -> Tensor | None:
-    if tensors[0] is None:
-        return None
-    return torch.cat([t for t in tensors if t is not None], 0)
-
-
 def _copy_state(packed: nn.Module, members: Sequence[nn.Module]) -> nn.Module:
     """Fill ``packed``'s parameters and buffers with the members' concatenated along dim 0."""
     states = [m.state_dict() for m in members]
@@ -321,7 +315,35 @@ def pack(models: Sequence[nn.Module], *, seeds: Sequence[int] | None = None) -> 
     norm = getattr(models[0], "input_norm", None)
     if norm is not None:
         packed.input_norm = norm
-    return packed.train(models[0].training)
+    packed.train(resnets[0].training)
+    _verify(packed, resnets)
+    return packed
+
+
+def _verify(packed: PackedNet, members: list[ResNet]) -> None:
+    """One forward in eval mode on random inputs: the packed network must compute each member's
+    output. The leaf-by-leaf packing cannot see a forward *between* leaves that mixes channels
+    (a concatenation, a channel shuffle); this catches it before any training does."""
+    cfg = members[0].config
+    side = 64 if cfg.stem == "imagenet" else 32  # the ImageNet stem divides by 4 before stage 1
+    param = next(packed.parameters())
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2, cfg.in_channels, side, side, generator=g).to(param) for _ in members]
+    modes = [m.training for m in (packed, *members)]
+    try:
+        with torch.no_grad():  # eval mode: running statistics are read, not updated
+            got = packed.eval()(pack_inputs(xs))
+            want = torch.stack([m.eval()(x) for m, x in zip(members, xs, strict=True)], 1)
+    finally:
+        for m, mode in zip((packed, *members), modes, strict=True):
+            m.train(mode)
+    diff = float((got - want).abs().max())
+    if not diff <= 1e-3 * float(want.abs().max()) + 1e-5:
+        raise ValueError(
+            f"the packed network does not compute its members' outputs (max difference {diff:.3g})"
+            ": a forward between the leaf modules mixes the members' channels, which packing "
+            "leaf by leaf cannot keep apart"
+        )
 
 
 def _replace(root: nn.Module, name: str, module: nn.Module) -> None:

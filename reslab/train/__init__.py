@@ -9,6 +9,7 @@ from reslab.train.loop import (
     fit,
     resolve_device,
 )
+from reslab.train.packed import MemberBatches, MemberState, PackedSGD, packed_train_step
 from reslab.train.schedule import learning_rate, train_resolution
 
 __all__ = [
@@ -23,3 +24,4 @@ __all__ = [
     "resolve_device",
     "train_resolution",
 ]
+__all__ += ["MemberBatches", "MemberState", "PackedSGD", "packed_train_step"]
