@@ -7,7 +7,8 @@ one after another, in one process (synthetic inputs: only speed is measured).
 Every variant runs the whole training step (forward, per-member loss, backward, optimiser step)
 on batches prepared beforehand, in NCHW and in channels_last. The variants are interleaved: each
 round runs ``--steps`` steps of every variant in turn, so a machine shared with other jobs slows
-them alike; the rate reported is the median over rounds. Variants:
+them alike; the rate reported is the median over rounds, and each ratio the median of the
+ratios within a round. Variants:
 
 - ``one``: one ResNet with ``torch.optim.SGD``, as the trainer steps it;
 - ``sequential``: K such ResNets, one step of each in turn (K separate runs in one process);
@@ -210,17 +211,21 @@ def main() -> None:
     for name, values in rates.items():
         rows.append({"variant": name, "images_per_second": statistics.median(values),
                      "per_round": values})  # fmt: skip
-    by_name = {row["variant"]: row["images_per_second"] for row in rows}
-    ratios = {}
-    for layout in ("NCHW", "channels_last"):
-        one = by_name[f"one, {layout}"]
-        ratios[layout] = {
-            "packed / one": by_name[f"packed, {layout}"] / one,
-            "sequential / one": by_name[f"sequential, {layout}"] / one,
-            "packed / sequential": by_name[f"packed, {layout}"] / by_name[f"sequential, {layout}"],
-            "packed torch SGD / packed": by_name[f"packed, torch SGD, {layout}"]
-            / by_name[f"packed, {layout}"],
+    # each ratio is taken within a round, then the median over rounds: the load of a shared
+    # machine drifts between rounds far more than within one
+    pairs = {"packed / one": ("packed", "one"), "sequential / one": ("sequential", "one"),
+             "packed / sequential": ("packed", "sequential"),
+             "packed torch SGD / packed": ("packed, torch SGD", "packed")}  # fmt: skip
+    ratios = {
+        layout: {
+            key: statistics.median(
+                a / b
+                for a, b in zip(rates[f"{num}, {layout}"], rates[f"{den}, {layout}"], strict=True)
+            )
+            for key, (num, den) in pairs.items()
         }
+        for layout in ("NCHW", "channels_last")
+    }
     convs = conv_layers(args.members, args.batch_size, device, args.conv_repeats)
     for row in rows:
         print(f"{row['variant']:<36} {row['images_per_second']:8.0f} img/s")
