@@ -28,7 +28,6 @@ from reslab.data.feed import (
     InMemoryBatches,
     LoaderChoice,
     TrainingBatches,
-    pad_crop_flip,
     rank_batch_size,
 )
 from reslab.data.images import DEFAULT_LIMITS, Limits
@@ -201,13 +200,14 @@ class MemoryData(TrainingData):
                 f"{kind!r} augmentation needs the streaming loader (--loader stream)"
             )
         train = self.splits.train
-        return InMemoryBatches(
+        return InMemoryBatches.training(
             train.images,
             train.labels,
-            batch_size=rank_batch_size(len(train), batch_size, world_size),
+            batch_size,
             seed=seed,
             device=device,
-            augment=pad_crop_flip(pad, flip) if kind == "cifar" and (pad or flip) else None,
+            pad=pad if kind == "cifar" else 0,
+            flip=flip and kind == "cifar",
             rank=rank,
             world_size=world_size,
         )

@@ -3,6 +3,7 @@
 from reslab.train.config import PRESETS, TrainConfig
 from reslab.train.evaluation import evaluate
 from reslab.train.loop import FitResult, TrainingInterrupted, fit
+from reslab.train.packed import MemberBatches, MemberState, PackedSGD, packed_train_step
 from reslab.train.schedule import learning_rate, train_resolution, train_size
 from reslab.train.setup import resolve_device
 from reslab.train.state import RunState
@@ -11,13 +12,17 @@ from reslab.train.step import NonFiniteLossError, train_step
 __all__ = [
     "PRESETS",
     "FitResult",
+    "MemberBatches",
+    "MemberState",
     "NonFiniteLossError",
+    "PackedSGD",
     "RunState",
     "TrainConfig",
     "TrainingInterrupted",
     "evaluate",
     "fit",
     "learning_rate",
+    "packed_train_step",
     "resolve_device",
     "train_resolution",
     "train_size",
