@@ -271,6 +271,7 @@ def _rank_fit(rank: int, world: int, port: int, dest: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_train_on_disjoint_shards_whose_union_is_the_data(tmp_path: Path) -> None:
     root = tmp_path / "numbered"
     tree = {"train": {c: {f"{i:03d}.png": _id_png(i) for i in range(20 * k, 20 * k + 20)}
@@ -416,7 +417,7 @@ def test_predict_agrees_with_eval_on_the_default_digits_run(tmp_path: Path, caps
     from reslab.transfer.predict import predict_files
 
     run = tmp_path / "run"
-    assert main(["train", "--epochs", "3", "--out", str(run)]) == 0
+    assert main(["train", "--epochs", "2", "--out", str(run)]) == 0
     preds, labels = _eval_predictions(run)
     test = load_data("digits").test
     assert labels == test.labels.tolist()
