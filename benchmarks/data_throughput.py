@@ -269,7 +269,7 @@ def main() -> None:
             indent=1,
         )
     )
-    write_result(args.out, result)
+    write_result(args.out, result, device="cpu")
 
 
 if __name__ == "__main__":
