@@ -11,7 +11,9 @@ from torch import nn
 
 from reslab.models.config import ResNetConfig
 from reslab.models.dense import DenseConfig, DenseResNet
+from reslab.models.pretrained import load_pretrained
 from reslab.models.resnet import ResNet
+from reslab.models.weights import read_weights
 
 __all__ = ["MODELS", "build_model", "create_model", "get_config", "list_models"]
 
@@ -110,7 +112,7 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     """Build a registered model, e.g. ``create_model("resnet50", num_classes=10, stem="cifar")``.
 
     ``pretrained=PATH`` (and optionally ``pretrained_sha256=HEX``) then initialises it from a
-    weight file with :func:`reslab.transfer.load_pretrained`, adapting the first layer to
+    weight file with :func:`reslab.models.pretrained.load_pretrained`, adapting the first layer to
     ``in_channels`` and the classifier to ``num_classes``. torchvision and timm bottlenecks stride
     their 3x3 convolution ("ResNet v1.5"), so from their files a bottleneck model is built with
     ``stride_in="3x3"`` unless ``stride_in`` is given; what the load report notes beyond that is
@@ -122,8 +124,6 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
         raise ValueError("pretrained_sha256 needs pretrained=PATH")
     if pretrained is None:
         return build_model(get_config(name, **overrides))
-
-    from reslab.transfer import load_pretrained, read_weights  # lazy: they import the zoo
 
     weights = read_weights(pretrained, sha256=sha256)
     bottleneck = getattr(get_config(name), "block", None) == "bottleneck"

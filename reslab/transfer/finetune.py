@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from reslab.models import DenseConfig, ResNetConfig, build_model, get_config
+from reslab.models.pretrained import LoadReport, load_pretrained
+from reslab.models.weights import read_weights
 from reslab.transfer.freeze import (
     NONE,
     check_freeze_point,
@@ -24,8 +26,6 @@ from reslab.transfer.freeze import (
     param_groups,
     unfreeze_schedule,
 )
-from reslab.transfer.load import LoadReport, load_pretrained
-from reslab.transfer.weights import read_weights
 
 __all__ = ["FinetuneOptions", "finetune", "pretrained_model", "resume_finetune"]
 

@@ -1,0 +1,171 @@
+"""Initialise a reslab model from pretrained weights, adapting its first and last layer.
+
+Seed 000, "Transfer Learning": if the input differs, adapt the first layer; if the labels differ,
+adapt the last layer; initialise every other layer from the pretrained weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from reslab.models.weights import Weights, read_weights, to_reslab_names
+
+__all__ = ["LoadReport", "adapt_input_conv", "load_pretrained"]
+
+FIRST_LAYER = "conv1.weight"
+HEAD = ("fc.weight", "fc.bias")
+
+
+@dataclass
+class LoadReport:
+    """What ``load_pretrained`` did: which keys loaded, which did not, and why."""
+
+    path: str
+    format: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # in the model, not in the file
+    unexpected: list[str] = field(default_factory=list)  # in the file, not in the model
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    adapted: list[str] = field(default_factory=list)  # first/last layer changes, in words
+    notes: list[str] = field(default_factory=list)  # warnings that keys cannot reveal
+    meta: dict[str, Any] = field(default_factory=dict)  # reslab checkpoints: classes, config ...
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def __str__(self) -> str:
+        lines = [f"{self.path} ({self.format}): {len(self.loaded)} tensors loaded"]
+        lines += [f"  adapted: {a}" for a in self.adapted]
+        if self.missing:
+            lines.append(f"  missing from the file ({len(self.missing)}): {_short(self.missing)}")
+        if self.unexpected:
+            lines.append(
+                f"  unexpected in the file ({len(self.unexpected)}): {_short(self.unexpected)}"
+            )
+        for key, src, dst in self.mismatched:
+            lines.append(f"  shape mismatch: {key}: file {list(src)} vs model {list(dst)}")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _short(keys: list[str], n: int = 8) -> str:
+    return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n})" if len(keys) > n else "")
+
+
+def adapt_input_conv(weight: Tensor, in_channels: int) -> Tensor:
+    """A first-layer kernel for ``in_channels`` inputs from one trained on ``weight.shape[1]``.
+
+    One channel: the sum over the input channels, so a grey image gives the same response as the
+    grey image replicated to RGB. k channels: the channels repeated cyclically and scaled by
+    c/k so the expected pre-activation stays the same (as timm's ``adapt_input_conv``).
+    """
+    c = weight.shape[1]
+    if in_channels == c:
+        return weight
+    if in_channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    reps = -(-in_channels // c)  # ceil
+    return weight.repeat(1, reps, 1, 1)[:, :in_channels] * (c / in_channels)
+
+
+def _foreign_notes(model: nn.Module, weights: Weights) -> list[str]:
+    """Differences in structure that keys and shapes cannot show."""
+    config = getattr(model, "config", None)
+    if weights.format == "reslab" or config is None or not hasattr(config, "stride_in"):
+        return []
+    notes = []
+    if config.block == "bottleneck" and config.stride_in == "1x1":
+        notes.append(
+            "torchvision and timm bottlenecks stride the 3x3 conv ('ResNet v1.5'); this model "
+            "strides the 1x1: build it with stride_in='3x3' to reproduce the source network"
+        )
+    if weights.format == "timm-resnetv2" and config.block == "basic":
+        notes.append(
+            "timm's PreActBasic feeds the raw input to the first unit's identity shortcut; "
+            "reslab feeds the pre-activated one (He et al. 2016, appendix), so outputs differ"
+        )
+    if weights.format == "timm-resnetv2" and config.ordering != "full_preact":
+        notes.append("timm resnetv2 weights are pre-activation: use a preact_* model")
+    return notes
+
+
+def _adapt_first_layer(source: dict[str, Tensor], target: dict[str, Tensor]) -> list[str]:
+    w, t = source.get(FIRST_LAYER), target.get(FIRST_LAYER)
+    if w is None or t is None or w.ndim != 4 or t.ndim != 4 or w.shape[1] == t.shape[1]:
+        return []
+    if w.shape[0] != t.shape[0] or w.shape[2:] != t.shape[2:]:
+        return []  # a different stem: reported as a shape mismatch
+    c_in, c_out = w.shape[1], t.shape[1]
+    source[FIRST_LAYER] = adapt_input_conv(w, c_out)
+    rule = "summed" if c_out == 1 else f"repeated, scaled by {c_in}/{c_out}"
+    return [f"{FIRST_LAYER}: {c_in} -> {c_out} input channels ({rule})"]
+
+
+def _replace_head(
+    source: dict[str, Tensor], target: dict[str, Tensor], fresh: set[str]
+) -> list[str]:
+    w, t = source.get(HEAD[0]), target.get(HEAD[0])
+    if t is not None and not any(k.startswith("fc.") for k in source):
+        # a headless backbone (timm num_classes=0, a feature extractor): nothing to copy
+        fresh.update(k for k in HEAD if k in target)
+        return [f"fc: file has no classifier; new {t.shape[0]}-class head, freshly initialised"]
+    if w is None or t is None or w.shape[0] == t.shape[0] or w.shape[1:] != t.shape[1:]:
+        return []
+    for key in HEAD:
+        source.pop(key, None)
+    fresh.update(k for k in HEAD if k in target)
+    return [f"fc: new {t.shape[0]}-class head (file has {w.shape[0]}), freshly initialised"]
+
+
+def load_pretrained(
+    model: nn.Module,
+    path: str | Path | Weights,
+    *,
+    sha256: str | None = None,
+    strict: bool = True,
+) -> LoadReport:
+    """Copy the weights in ``path`` into ``model``; return a report of what matched.
+
+    ``path`` may also be the :class:`Weights` that :func:`read_weights` already returned (read
+    and checked against ``sha256`` then), so a caller that looked at the file is not reading it
+    twice.
+
+    The first convolution is adapted when the model's input channels differ from the file's
+    (:func:`adapt_input_conv`); the classifier keeps the model's fresh initialisation when the
+    number of classes differs or the file has none (a headless backbone). Any other missing,
+    unexpected or shape-mismatched key raises a ``ValueError`` carrying the report (nothing is
+    loaded) unless ``strict=False``, in which case the matching tensors are loaded and the
+    report lists the rest.
+    """
+    weights = path if isinstance(path, Weights) else read_weights(path, sha256=sha256)
+    source = to_reslab_names(weights)
+    target = model.state_dict()
+    report = LoadReport(str(weights.path), weights.format, meta=weights.meta)
+    report.notes = _foreign_notes(model, weights)
+
+    fresh: set[str] = set()  # keys that keep the model's own initialisation on purpose
+    report.adapted += _adapt_first_layer(source, target)
+    report.adapted += _replace_head(source, target, fresh)
+
+    report.missing = [k for k in target if k not in source and k not in fresh]
+    report.unexpected = [k for k in source if k not in target]
+    report.mismatched = [
+        (k, tuple(v.shape), tuple(target[k].shape))
+        for k, v in source.items()
+        if k in target and v.shape != target[k].shape
+    ]
+    usable = {k: v for k, v in source.items() if k in target and v.shape == target[k].shape}
+    report.loaded = sorted(usable)
+    if strict and not report.ok:
+        raise ValueError(
+            f"weights do not fit the model (pass strict=False to load the rest):\n{report}"
+        )
+    with torch.no_grad():
+        model.load_state_dict(usable, strict=False)
+    return report
