@@ -48,6 +48,7 @@ class ResidualBlock(nn.Module):
         shortcut: str = "B",
         stride_in: str = "1x1",
         first_unit: bool = False,
+        shortcut_pad: str = "after",
     ) -> None:
         super().__init__()
         check_choice("ordering", ordering, ORDERINGS)
@@ -98,7 +99,9 @@ class ResidualBlock(nn.Module):
             norm = not self.preact_ops
             self.downsample = ProjectionShortcut(in_channels, self.out_channels, stride, norm)
         elif shape_changes:
-            self.downsample = PadShortcut(in_channels, self.out_channels, stride)
+            self.downsample = PadShortcut(
+                in_channels, self.out_channels, stride, placement=shortcut_pad
+            )
         else:
             self.downsample = nn.Identity()
         self.shortcut_from_preact = bool(self.preact_ops) and (

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 __all__ = [
     "ORDERINGS",
     "SHORTCUTS",
+    "SHORTCUT_PADS",
     "STEMS",
     "Ordering",
     "PadShortcut",
@@ -44,28 +45,55 @@ SHORTCUTS: dict[str, str] = {
 }
 
 
+#: Where option A puts the zero channels it adds. Both are in use, and weights trained with one
+#: compute another function under the other (the shortcut's channel c lands on another branch
+#: channel), so the placement is part of the architecture (``ResNetConfig.shortcut_pad``).
+SHORTCUT_PADS: dict[str, str] = {
+    "after": "zero channels appended after the identity's (fb.resnet.torch, reslab's default)",
+    "split": "half of the zero channels before the identity's, half after (the common PyTorch "
+    "CIFAR ResNets' LambdaLayer)",
+}
+
+
 class PadShortcut(nn.Module):
-    """Option A: subsample by ``stride`` and append zero channels; no parameters.
+    """Option A: subsample by ``stride`` and add zero channels; no parameters.
 
     He et al. 2015 §3.3: "the shortcut still performs identity mapping, with extra zero entries
-    padded for increasing dimensions ... performed with a stride of 2".
+    padded for increasing dimensions ... performed with a stride of 2". The paper does not say
+    where the zeros go, and two conventions exist (:data:`SHORTCUT_PADS`):
+
+    - ``"after"``: the identity keeps channels ``0..in-1`` and zeros follow, as in Facebook's
+      fb.resnet.torch (``nn.Padding`` after the input's channels, then concatenation);
+    - ``"split"``: ``(out - in) // 2`` zero channels before and the rest after, as the widely
+      used PyTorch CIFAR ResNet-20/32/44/56/110/1202 checkpoints do with
+      ``F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, planes // 4, planes // 4))`` (out = 2 in there).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: int, *, placement: str = "after"
+    ) -> None:
         super().__init__()
         if out_channels < in_channels:
             raise ValueError(
                 f"option A can only widen: in_channels={in_channels} > out_channels={out_channels}"
             )
+        check_choice("shortcut_pad", placement, SHORTCUT_PADS)
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+        self.placement = placement
+        extra = out_channels - in_channels
+        self.pad_before = extra // 2 if placement == "split" else 0
+        self.pad_after = extra - self.pad_before
 
     def forward(self, x: Tensor) -> Tensor:
         if self.stride > 1:
             x = x[:, :, :: self.stride, :: self.stride]
-        return F.pad(x, (0, 0, 0, 0, 0, self.out_channels - self.in_channels))
+        return F.pad(x, (0, 0, 0, 0, self.pad_before, self.pad_after))
 
     def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
+        return (
+            f"{self.in_channels}, {self.out_channels}, stride={self.stride}, "
+            f"placement={self.placement!r}"
+        )
 
 
 class ProjectionShortcut(nn.Sequential):

@@ -52,6 +52,7 @@ class ResNet(nn.Module):
                         stride,
                         ordering=config.ordering,
                         shortcut=config.shortcut,
+                        shortcut_pad=config.shortcut_pad,
                         stride_in=config.stride_in,
                         first_unit=(i == 0 and j == 0),
                     )
