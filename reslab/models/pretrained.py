@@ -13,12 +13,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from reslab.models.weights import Weights, read_weights, to_reslab_names
+from reslab.models.weights import Weights, read_weights, rename_to_reslab
 
-__all__ = ["LoadReport", "adapt_input_conv", "load_pretrained"]
+__all__ = ["LoadReport", "adapt_input_conv", "architecture_overrides", "load_pretrained"]
 
 FIRST_LAYER = "conv1.weight"
 HEAD = ("fc.weight", "fc.bias")
+# BatchNorm's count of training batches: only used when momentum=None (a cumulative average), and
+# absent from files saved before PyTorch 0.4.1 (the CIFAR ResNet family) or by exporters that
+# drop buffers. Its absence never makes a file unusable; the model keeps its own counter.
+_BN_COUNTER = "num_batches_tracked"
 
 
 @dataclass
@@ -28,6 +32,7 @@ class LoadReport:
     path: str
     format: str
     loaded: list[str] = field(default_factory=list)
+    mapped: list[str] = field(default_factory=list)  # renames and conventions, in words
     missing: list[str] = field(default_factory=list)  # in the model, not in the file
     unexpected: list[str] = field(default_factory=list)  # in the file, not in the model
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
@@ -41,6 +46,7 @@ class LoadReport:
 
     def __str__(self) -> str:
         lines = [f"{self.path} ({self.format}): {len(self.loaded)} tensors loaded"]
+        lines += [f"  mapped: {m}" for m in self.mapped]
         lines += [f"  adapted: {a}" for a in self.adapted]
         if self.missing:
             lines.append(f"  missing from the file ({len(self.missing)}): {_short(self.missing)}")
@@ -74,12 +80,32 @@ def adapt_input_conv(weight: Tensor, in_channels: int) -> Tensor:
     return weight.repeat(1, reps, 1, 1)[:, :in_channels] * (c / in_channels)
 
 
+def architecture_overrides(weights: Weights, config: Any) -> dict[str, str]:
+    """Config fields that make a registered model compute the same function as the file's
+    network where the file's names and shapes cannot tell: torchvision and timm bottlenecks
+    stride the 3x3 ("ResNet v1.5"), and the CIFAR ResNet family splits option A's zero channels
+    before and after the identity's. Callers apply them unless the user set the field."""
+    if weights.format == "reslab" or not hasattr(config, "stride_in"):
+        return {}
+    if weights.format == "cifar-resnet":
+        return {"shortcut_pad": "split"}
+    return {"stride_in": "3x3"} if config.block == "bottleneck" else {}
+
+
 def _foreign_notes(model: nn.Module, weights: Weights) -> list[str]:
     """Differences in structure that keys and shapes cannot show."""
     config = getattr(model, "config", None)
     if weights.format == "reslab" or config is None or not hasattr(config, "stride_in"):
         return []
     notes = []
+    if weights.format == "cifar-resnet" and config.shortcut == "A":
+        if config.shortcut_pad != "split":
+            notes.append(
+                "the CIFAR ResNet files' option A splits its zero channels before and after the "
+                f"identity's; this model puts them {config.shortcut_pad!r} and computes another "
+                "function: build it with shortcut_pad='split'"
+            )
+        return notes
     if config.block == "bottleneck" and config.stride_in == "1x1":
         notes.append(
             "torchvision and timm bottlenecks stride the 3x3 conv ('ResNet v1.5'); this model "
@@ -93,6 +119,15 @@ def _foreign_notes(model: nn.Module, weights: Weights) -> list[str]:
     if weights.format == "timm-resnetv2" and config.ordering != "full_preact":
         notes.append("timm resnetv2 weights are pre-activation: use a preact_* model")
     return notes
+
+
+def _placement(model: nn.Module, weights: Weights) -> list[str]:
+    """Which option-A placement a CIFAR ResNet file was loaded into, for the report."""
+    config = getattr(model, "config", None)
+    if weights.format != "cifar-resnet" or getattr(config, "shortcut", None) != "A":
+        return []
+    assert config is not None
+    return [f"option-A shortcuts: shortcut_pad={config.shortcut_pad!r}"]
 
 
 def _adapt_first_layer(source: dict[str, Tensor], target: dict[str, Tensor]) -> list[str]:
@@ -144,14 +179,24 @@ def load_pretrained(
     report lists the rest.
     """
     weights = path if isinstance(path, Weights) else read_weights(path, sha256=sha256)
-    source = to_reslab_names(weights)
+    source, renames = rename_to_reslab(weights)
     target = model.state_dict()
     report = LoadReport(str(weights.path), weights.format, meta=weights.meta)
+    report.mapped = [*weights.renamed, *renames, *_placement(model, weights)]
     report.notes = _foreign_notes(model, weights)
 
     fresh: set[str] = set()  # keys that keep the model's own initialisation on purpose
     report.adapted += _adapt_first_layer(source, target)
     report.adapted += _replace_head(source, target, fresh)
+    counters = [k for k in target if k.endswith(_BN_COUNTER) and k not in source]
+    if counters:
+        fresh.update(counters)
+        report.mapped.append(
+            f"{_BN_COUNTER}: not in the file; the model's {len(counters)} BatchNorm counter(s) "
+            "kept (unused with a momentum)"
+        )
+    # a counter the model has no BatchNorm for is as harmless: nothing reads it
+    source = {k: v for k, v in source.items() if not (k.endswith(_BN_COUNTER) and k not in target)}
 
     report.missing = [k for k in target if k not in source and k not in fresh]
     report.unexpected = [k for k in source if k not in target]

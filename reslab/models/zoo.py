@@ -11,7 +11,7 @@ from torch import nn
 
 from reslab.models.config import ResNetConfig
 from reslab.models.dense import DenseConfig, DenseResNet
-from reslab.models.pretrained import load_pretrained
+from reslab.models.pretrained import architecture_overrides, load_pretrained
 from reslab.models.resnet import ResNet
 from reslab.models.weights import read_weights
 
@@ -115,8 +115,9 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     weight file with :func:`reslab.models.pretrained.load_pretrained`, adapting the first layer to
     ``in_channels`` and the classifier to ``num_classes``. torchvision and timm bottlenecks stride
     their 3x3 convolution ("ResNet v1.5"), so from their files a bottleneck model is built with
-    ``stride_in="3x3"`` unless ``stride_in`` is given; what the load report notes beyond that is
-    raised as a warning.
+    ``stride_in="3x3"`` unless ``stride_in`` is given; the PyTorch CIFAR ResNet files
+    (``linear`` head, option A) get ``shortcut_pad="split"`` unless ``shortcut_pad`` is given.
+    What the load report notes beyond that is raised as a warning.
     """
     pretrained = overrides.pop("pretrained", None)
     sha256 = overrides.pop("pretrained_sha256", None)
@@ -126,9 +127,9 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
         return build_model(get_config(name, **overrides))
 
     weights = read_weights(pretrained, sha256=sha256)
-    bottleneck = getattr(get_config(name), "block", None) == "bottleneck"
-    if weights.format != "reslab" and bottleneck and "stride_in" not in overrides:
-        overrides["stride_in"] = "3x3"  # else the same weights compute another function
+    # else the same weights compute another function (ResNet v1.5 strides, option-A placement)
+    for key, value in architecture_overrides(weights, get_config(name)).items():
+        overrides.setdefault(key, value)
     model = build_model(get_config(name, **overrides))
     report = load_pretrained(model, weights)
     for note in report.notes:
