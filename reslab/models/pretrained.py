@@ -13,9 +13,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from reslab.models.config import ResNetConfig
+from reslab.models.dense import DenseConfig, DenseResNet
+from reslab.models.resnet import ResNet
 from reslab.models.weights import Weights, read_weights, rename_to_reslab
 
-__all__ = ["LoadReport", "adapt_input_conv", "architecture_overrides", "load_pretrained"]
+__all__ = [
+    "LoadReport",
+    "adapt_input_conv",
+    "architecture_overrides",
+    "load_pretrained",
+    "model_from_weights",
+]
 
 FIRST_LAYER = "conv1.weight"
 HEAD = ("fc.weight", "fc.bias")
@@ -214,3 +223,46 @@ def load_pretrained(
     with torch.no_grad():
         model.load_state_dict(usable, strict=False)
     return report
+
+
+def model_from_weights(weights: Weights) -> nn.Module:
+    """The network a reslab checkpoint describes, with exactly its weights, in eval mode.
+
+    Unlike :func:`load_pretrained` nothing is adapted: the config must build and every tensor
+    must fit it (a missing ``num_batches_tracked`` aside), else a ``ValueError`` names the file
+    and what does not fit. Foreign state dicts carry no architecture and are refused.
+    """
+    path = weights.path
+    if weights.format != "reslab":
+        raise ValueError(
+            f"{path} is a {weights.format} state dict, not a reslab checkpoint: it has no "
+            "architecture, classes or input normalisation (fine-tune it first: reslab finetune "
+            f"--from {path} --data ...)"
+        )
+    kind = weights.meta.get("model_kind", "resnet")
+    try:
+        if kind == "dense":
+            net: nn.Module = DenseResNet(DenseConfig.from_dict(weights.meta["model_config"]))
+        else:
+            net = ResNet(ResNetConfig.from_dict(weights.meta["model_config"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: invalid model_config ({type(exc).__name__}: {exc})") from None
+    target = net.state_dict()
+    state = weights.state_dict
+    missing = [k for k in target if k not in state and not k.endswith(_BN_COUNTER)]
+    unexpected = [k for k in state if k not in target]
+    mismatched = [
+        f"{k}: file {list(v.shape)} vs model {list(target[k].shape)}"
+        for k, v in state.items()
+        if k in target and v.shape != target[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        problems = [
+            *([f"missing {_short(missing)}"] if missing else []),
+            *([f"unexpected {_short(unexpected)}"] if unexpected else []),
+            *mismatched[:4],
+        ]
+        raise ValueError(f"{path}: weights do not fit its model_config: {'; '.join(problems)}")
+    with torch.no_grad():
+        net.load_state_dict(state, strict=False)
+    return net.eval()
