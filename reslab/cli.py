@@ -20,7 +20,8 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("train", "reslab.commands.train"),
     ("eval", "reslab.commands.train"),
     ("finetune", "reslab.commands.finetune"),
-    ("predict", "reslab.commands.finetune"),
+    ("predict", "reslab.commands.predict"),
+    ("export", "reslab.commands.export"),
 ]
 
 DEFAULT_COMMAND = ["train"]  # the README's main job: a small ResNet on the bundled digits

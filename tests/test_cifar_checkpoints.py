@@ -215,3 +215,53 @@ def test_missing_bn_counters_never_refuse_a_file(tmp_path: Path, kind: str) -> N
     report = load_pretrained(net, path)  # strict: refused before
     assert report.ok and "num_batches_tracked" in str(report)
     torch.testing.assert_close(outputs(net, X[:2]), outputs(src, X[:2]))
+
+
+def test_finetune_and_predict_from_a_cifar_family_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`reslab finetune --from their.th` infers cifar_resnet20 with the split placement; with the
+    learning rate at 0 the run's model is their network, and `reslab predict` on its run folder
+    gives their network's probabilities (under the run's input normalisation)."""
+    import numpy as np
+    from PIL import Image
+
+    from reslab.cli import main
+    from reslab.data import Normalize
+    from reslab.train.checkpoint import load_checkpoint
+
+    ref = randomized(RefCifarResNet(3))
+    path = save_their_way(ref, tmp_path / "resnet20-12fca82f.th")
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    for split, count in (("train", 3), ("test", 1)):
+        for c in range(10):
+            folder = data / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    out = tmp_path / "run"
+    argv = ["finetune", "--from", str(path), "--data", str(data), "--freeze-until", "layer3",
+            "--lr", "0", "--iters", "1", "--batch-size", "8", "--val-size", "2",
+            "--eval-every", "1", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    report = config["finetune"]["load_report"]
+    assert "(cifar-resnet)" in report and "linear.* -> fc.*" in report
+    assert "shortcut_pad='split'" in report and config["model_config"]["shortcut_pad"] == "split"
+
+    images = sorted((data / "test").rglob("*.png"))
+    capsys.readouterr()
+    assert main(["predict", str(out), *map(str, images), "--json", "--topk", "10"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    ckpt = load_checkpoint(out / "checkpoint_latest.pt")
+    norm = Normalize.from_dict(ckpt["normalization"])
+    x = torch.stack([torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1) for p in images])
+    expected = outputs(ref, norm(x)).softmax(1)
+    classes = ckpt["classes"]
+    for row, probs in zip(rows, expected, strict=True):
+        got = torch.zeros(10)
+        for entry in row["top"]:
+            got[classes.index(entry["class"])] = entry["probability"]
+        torch.testing.assert_close(got, probs, rtol=1e-4, atol=1e-5)
