@@ -56,6 +56,7 @@ class ExportOptions:
     image_size: int | None = None  # only where the checkpoint does not fix the size
     data: str | None = None
     calibration_images: int = 512
+    check_images: int = 1000  # held-out images the int8 check runs (at most)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -63,8 +64,11 @@ class ExportOptions:
             raise ValueError(f"unknown export format {self.format!r}; valid choices: onnx, pt2")
         if self.input_dtype not in INPUT_DTYPES:
             raise ValueError(f"unknown input dtype {self.input_dtype!r}; valid: float, uint8")
-        if self.calibration_images < 1:
-            raise ValueError(f"calibration_images must be >= 1, got {self.calibration_images}")
+        if self.calibration_images < 1 or self.check_images < 1:
+            raise ValueError(
+                "calibration_images and check_images must be >= 1, got "
+                f"{self.calibration_images} and {self.check_images}"
+            )
 
 
 @dataclass
@@ -157,8 +161,8 @@ def calibration_images(
     trained: Trained, options: ExportOptions, spec: InputSpec
 ) -> tuple[Tensor, Tensor]:
     """(calibration, check): ``options.calibration_images`` random training images of the
-    run's data and up to 1,000 held-out ones (validation split, else test) to measure top-1
-    agreement on, uint8 at the export's input size."""
+    run's data and up to ``options.check_images`` held-out ones (validation split, else test)
+    to measure top-1 agreement on, uint8 at the export's input size."""
     from torchvision.transforms.v2 import functional as TF
 
     from reslab.data import load_data
@@ -170,8 +174,11 @@ def calibration_images(
             "no config.json naming them: pass --data"
         )
     seed = int((trained.meta.get("train_config") or {}).get("seed", 0))
-    classes = trained.meta.get("classes")
-    splits = load_data(spec_data, seed=seed, classes=classes, val_size=trained.run.get("val_size"))
+    if options.data is None:  # the run's own split: its classes and validation size
+        classes, val_size = trained.meta.get("classes"), trained.run.get("val_size")
+    else:  # other images: only their pixel statistics matter
+        classes, val_size = None, None
+    splits = load_data(spec_data, seed=seed, classes=classes, val_size=val_size)
     if splits.in_channels != spec.channels:
         raise ValueError(
             f"{spec_data} has {splits.in_channels}-channel images; the network takes "
@@ -194,7 +201,7 @@ def calibration_images(
             return x
         return TF.resize(x, [spec.height, spec.width], antialias=True)
 
-    return sized(splits.train.images[pick]), sized(held.images[:1000])
+    return sized(splits.train.images[pick]), sized(held.images[: options.check_images])
 
 
 def _as_input(x: Tensor, input_dtype: str) -> Tensor:

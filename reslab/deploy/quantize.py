@@ -45,6 +45,7 @@ def quantize_int8(
     """``model`` (float, eval mode) quantised to int8, its activation ranges observed on
     ``calibration`` (inputs as the model takes them, e.g. uint8 images for an
     :class:`~reslab.deploy.graph.InferenceModel` built for uint8)."""
+    from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer,
@@ -61,11 +62,28 @@ def quantize_int8(
         prepared(calibration[i : i + batch_size])
         if progress is not None:
             progress(min(i + batch_size, len(calibration)))
-    return convert_pt2e(prepared)
+    converted = convert_pt2e(prepared)
+    # an exported graph ignores .eval(): its train/eval-dependent ops are rewritten instead, and
+    # the flag set by hand so exporters do not warn of a model "in training mode"
+    move_exported_model_to_eval(converted)
+    for module in converted.modules():
+        module.training = False
+    return converted
 
 
 def compile_for_cpu(model: nn.Module) -> Callable[[Tensor], Tensor]:
-    """``torch.compile`` with Inductor's freezing, which constant-folds the weights and turns
-    quantised patterns into oneDNN int8 kernels (without freezing an int8 graph runs its
-    quantise/dequantise steps in float and is slower than fp32)."""
-    return torch.compile(model, options={"freezing": True})
+    """``torch.compile`` (static shapes: one graph per batch size) with Inductor's freezing,
+    which constant-folds the weights and turns quantised patterns into oneDNN int8 kernels
+    (without freezing an int8 graph runs its quantise/dequantise steps in float). Freezing is
+    switched on around each call rather than globally; passing it as ``options=`` does not
+    reach the int8 weight prepacking (torch 2.14 fails on ``onednn.qconv_prepack``)."""
+    import torch._inductor.config as inductor_config
+
+    compiled = torch.compile(model, dynamic=False)
+
+    @torch.no_grad()
+    def run(x: Tensor) -> Tensor:
+        with inductor_config.patch(freezing=True):
+            return compiled(x)
+
+    return run

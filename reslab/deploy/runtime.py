@@ -91,6 +91,10 @@ class ExportedModel:
         x = images if self.input_dtype == "uint8" else images.float() / 255
         return self._run(x)
 
+    def run_graph(self, x: Tensor) -> Tensor:
+        """The graph on inputs already in its own dtype and range (float 0..1 or uint8)."""
+        return self._run(x)
+
 
 def load_exported(path: str | Path, *, device: str = "cpu") -> ExportedModel:
     """An exported ``.onnx`` or ``.pt2`` file, ready to run on ``device`` ("cpu" or "cuda")."""
