@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_transfer import randomize_bn as randomized  # random BN: folding is not a no-op
 from torch import nn
 
 from reslab import create_model
@@ -30,20 +31,6 @@ def cli(argv: list[str]) -> int:
         return main(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
-
-
-def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BN statistics and affine parameters, so folding is not a no-op."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.running_mean.copy_(0.1 * torch.randn(c, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
-                m.weight.copy_(0.5 + torch.rand(c, generator=g))
-                m.bias.copy_(0.1 * torch.randn(c, generator=g))
-    return model.eval()
 
 
 def save_checkpoint(
@@ -411,6 +398,8 @@ def test_predict_with_an_exported_model(
     for name, top in got.items():
         ref = {t["class"]: t["probability"] for t in want[name]}
         assert max(abs(t["probability"] - ref[t["class"]]) for t in top) < 1e-4, name
+    assert cli(["predict", str(path), str(image_tree), "--image-size", "64"]) == 2
+    assert "was exported for 32x32 images" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

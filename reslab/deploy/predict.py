@@ -75,7 +75,13 @@ def load_predictor(
     path = Path(source)
     if path.suffix in EXPORTED_SUFFIXES and not path.is_dir():
         exported = load_exported(path, device=device)
-        return Predictor(exported, exported.spec.resized(image_size), exported.classes, path)
+        spec = exported.spec
+        if image_size is not None and (image_size, image_size) != (spec.height, spec.width):
+            raise ValueError(
+                f"{path} was exported for {spec.height}x{spec.width} images (its graph's input "
+                f"size): pass no --image-size, or export again with --image-size {image_size}"
+            )
+        return Predictor(exported, spec, exported.classes, path)
     from reslab.deploy.checkpoint import load_trained
     from reslab.deploy.graph import InferenceModel
 
