@@ -472,3 +472,17 @@ def test_int8_export_of_a_digits_run(
     # the checkpoint records no input size (per-channel normalisation): said, not guessed
     assert cli(["export", str(digits_run), "--int8", "--out", str(tmp_path / "x.onnx")]) == 2
     assert "has 8x8 images but the checkpoint records no input size" in capsys.readouterr().err
+
+
+def test_a_missing_extra_is_one_line(
+    cifar_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name)
+    )
+    assert cli(["export", str(cifar_checkpoint)]) == 2
+    err = capsys.readouterr().err
+    assert err == "reslab export: error: ONNX export needs onnxscript: pip install reslab[export]\n"

@@ -282,6 +282,13 @@ def export_model(
     check the written file against the eager network (ONNX under ONNX Runtime when installed;
     ``.pt2`` reloaded with ``torch.export.load``). Writing is atomic: a failure leaves no file.
     """
+    from reslab.deploy.runtime import require
+
+    if options.format == "onnx":
+        for module in ("onnx", "onnxscript"):
+            require(module, "ONNX export")
+    if options.int8:
+        require("torchao", "int8 quantisation")
     trained = load_trained(source, image_size=options.image_size)
     spec = trained.spec
     path = Path(out) if out is not None else default_out(trained, Path(source), options)

@@ -15,13 +15,29 @@ from torch import Tensor
 
 from reslab.deploy.inputs import InputSpec
 
-__all__ = ["EXPORTED_SUFFIXES", "ExportedModel", "RuntimeUnavailable", "load_exported"]
+__all__ = [
+    "EXPORTED_SUFFIXES",
+    "ExportedModel",
+    "RuntimeUnavailable",
+    "load_exported",
+    "read_metadata",
+    "require",
+]
 
 EXPORTED_SUFFIXES = (".onnx", ".pt2")
 
 
-class RuntimeUnavailable(ImportError):
-    """The runtime an exported file needs is not installed (``pip install reslab[export]``)."""
+class RuntimeUnavailable(ImportError, ValueError):
+    """A package of the optional extra ``reslab[export]`` is not installed (a ValueError too,
+    so the command line reports it in one line)."""
+
+
+def require(module: str, purpose: str) -> None:
+    """Raise :class:`RuntimeUnavailable` naming ``purpose`` if ``module`` cannot be imported."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise RuntimeUnavailable(f"{purpose} needs {module}: pip install reslab[export]")
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
@@ -101,12 +117,9 @@ def load_exported(path: str | Path, *, device: str = "cpu") -> ExportedModel:
     path = Path(path)
     meta = read_metadata(path)
     if path.suffix == ".onnx":
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            raise RuntimeUnavailable(
-                "running ONNX files needs onnxruntime: pip install reslab[export]"
-            ) from exc
+        require("onnxruntime", "running ONNX files")
+        import onnxruntime as ort
+
         providers = ["CPUExecutionProvider"]
         if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
