@@ -224,6 +224,7 @@ def test_export_command_and_bad_input(
         "no checkpoint or run": [str(tmp_path / "missing")],
         "not a reslab checkpoint": [str(_torchvision_file(tmp_path))],
         "corrupt or unreadable": [str(_text_file(tmp_path))],
+        "is not a regular file, not a weight file": [str(_named_pipe(tmp_path))],  # no hang
         "int8 calibration needs the run's training images": [str(run), "--int8"],
         "is a folder": [str(run), "--out", str(tmp_path)],
         "corrupt or unreadable zip": [str(run), "--int8", "--data", str(_text_file(tmp_path))],
@@ -235,7 +236,7 @@ def test_export_command_and_bad_input(
         assert words in err, err
     assert cli(["export", str(run), "--format", "tflite"]) == 2  # argparse's choices
     assert "invalid choice: 'tflite'" in capsys.readouterr().err
-    left = {p.name for p in run.iterdir()}
+    left = {p.name for p in run.iterdir()}  # nothing half-written by the failed exports
     assert left == {"checkpoint_best.pt", "model-folded.pt2", "model-folded.json"}
 
 
@@ -259,6 +260,14 @@ def _torchvision_file(folder: Path) -> Path:
 
     path = folder / "tv.pth"
     torch.save(torchvision.models.resnet18().state_dict(), path)
+    return path
+
+
+def _named_pipe(folder: Path) -> Path:
+    import os
+
+    path = folder / "pipe.pt"
+    os.mkfifo(path)
     return path
 
 
@@ -353,6 +362,8 @@ def test_predict_unreadable_images(
     found = predictions(captured.out)
     assert list(found)[:3] == [p.name for p in good] and "cannot read image" in found["broken.png"]
     assert "skipped 1 unreadable image(s)" in captured.err and str(bad) in captured.err
+    assert cli(["predict", str(_named_pipe(tmp_path)), *map(str, good)]) == 2  # not read: no hang
+    assert "is not a regular file" in capsys.readouterr().err
     for argv, words in (
         ([str(tmp_path / "nope.png")], "no such image file or folder"),
         ([str(tmp_path / "*.gif")], "no files match"),
