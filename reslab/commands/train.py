@@ -224,6 +224,7 @@ def format_ensemble_report(report: dict[str, Any]) -> str:
         ),
         "",
         f"the ensemble of all {k}: {100 * report['accuracy']:.2f}%",
+        "",
         *_class_lines(report, report["classes"]),
     ]
     return "\n".join(lines)

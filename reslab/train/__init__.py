@@ -2,6 +2,7 @@
 
 from reslab.train.batches import InMemoryBatches, TrainingBatches
 from reslab.train.config import PRESETS, TrainConfig
+from reslab.train.ensemble import evaluate_ensemble
 from reslab.train.evaluation import evaluate
 from reslab.train.loop import FitResult, TrainingInterrupted, fit
 from reslab.train.schedule import learning_rate, train_resolution
@@ -19,6 +20,7 @@ __all__ = [
     "TrainingBatches",
     "TrainingInterrupted",
     "evaluate",
+    "evaluate_ensemble",
     "fit",
     "learning_rate",
     "resolve_device",
