@@ -2,6 +2,7 @@
 
 from reslab.train.batches import InMemoryBatches, TrainingBatches
 from reslab.train.config import PRESETS, TrainConfig
+from reslab.train.ensemble import evaluate_ensemble
 from reslab.train.evaluation import evaluate
 from reslab.train.loop import FitResult, TrainingInterrupted, fit
 from reslab.train.packed import MemberBatches, MemberState, PackedSGD, packed_train_step
@@ -23,6 +24,7 @@ __all__ = [
     "TrainingBatches",
     "TrainingInterrupted",
     "evaluate",
+    "evaluate_ensemble",
     "fit",
     "learning_rate",
     "packed_train_step",
