@@ -1,6 +1,7 @@
 """Training: the paper's CIFAR protocol and a fast CPU recipe, with exact resume and DDP."""
 
 from reslab.train.config import PRESETS, TrainConfig
+from reslab.train.ensemble import evaluate_ensemble
 from reslab.train.evaluation import evaluate
 from reslab.train.loop import FitResult, TrainingInterrupted, fit
 from reslab.train.packed import MemberBatches, MemberState, PackedSGD, packed_train_step
@@ -20,6 +21,7 @@ __all__ = [
     "TrainConfig",
     "TrainingInterrupted",
     "evaluate",
+    "evaluate_ensemble",
     "fit",
     "learning_rate",
     "packed_train_step",

@@ -20,13 +20,25 @@ from reslab.train.config import TrainConfig
 from reslab.train.state import RunState
 from reslab.train.step import autocast
 
-__all__ = ["evaluate", "evaluate_crops", "evaluate_point", "format_record", "summarize"]
+__all__ = [
+    "EvalSource",
+    "batches_of",
+    "evaluate",
+    "evaluate_crops",
+    "evaluate_point",
+    "format_record",
+    "summarize",
+]
+
+#: What evaluation reads: a split held in memory, or any iterable of (uint8 images, labels)
+#: batches, such as a streamed split's (:meth:`TrainingData.eval_batches`).
+EvalSource = Split | Iterable[tuple[Tensor, Tensor]]
 
 
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    split: Split | Iterable[tuple[Tensor, Tensor]],
+    split: EvalSource,
     *,
     batch_size: int = 512,
     device: torch.device | str | None = None,
@@ -51,33 +63,77 @@ def evaluate(
     ``progress``: a bar over the batches, labelled ``desc`` (None: on a terminal).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    norm = resolve_norm(model, split, normalize)
     was_training = model.training
     model.eval()
     preds, singles, labels = [], [], []
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
     for raw, y in progress_bar(
-        _batches(split, batch_size), desc=desc, unit="batch", leave=False, enabled=progress,
+        batches_of(split, batch_size), desc=desc, unit="batch", leave=False, enabled=progress,
         total=_count(split, batch_size),
     ):  # fmt: skip
-        if not len(y):
+        if not len(y):  # a streamed batch whose images skip_bad all left out
             continue
-        norm = normalize or getattr(model, "input_norm", None) or Normalize.identity(raw.shape[1])
         raw = raw.to(device, non_blocking=True)
-        with autocast(device, precision):
-            probs = model(norm(raw).contiguous(memory_format=fmt)).float().softmax(1)
-            if flip:
-                singles.append(probs.argmax(1).cpu())
-                # mirror the image, then normalise, as training's flip does: a per-pixel mean
-                # is not mirror-symmetric, so mirroring the normalised batch would not match
-                mirror = norm(raw.flip(3)).contiguous(memory_format=fmt)
-                probs = probs + model(mirror).float().softmax(1)
-        preds.append(probs.argmax(1).cpu())
+        views = view_probabilities(
+            model, raw, norm, flip=flip, precision=precision, channels_last=channels_last
+        )
+        if flip:
+            singles.append(views[0].argmax(1).cpu())
+        preds.append(sum(views[1:], views[0]).argmax(1).cpu())
         labels.append(y.cpu())
     model.train(was_training)
-    report = _report(_cat(preds), _cat(labels), model_config(model).num_classes)
+    y = _cat(labels)
+    report = confusion_report(_cat(preds), y, model_config(model).num_classes)
     if flip:
-        report["single_view_accuracy"] = _accuracy(_cat(singles), _cat(labels))
+        report["single_view_accuracy"] = accuracy(_cat(singles), y)
     return report
+
+
+def batches_of(split: EvalSource, batch_size: int) -> Iterable[tuple[Tensor, Tensor]]:
+    """(uint8 images, labels) batches of ``split``: slices of a :class:`Split`, or the given
+    batches."""
+    if isinstance(split, Split):
+        return (
+            (split.images[i : i + batch_size], split.labels[i : i + batch_size])
+            for i in range(0, len(split), batch_size)
+        )
+    return split
+
+
+def _count(split: EvalSource, batch_size: int) -> int | None:
+    """Batches, for the progress bar, where known."""
+    if isinstance(split, Split):
+        return -(-len(split) // batch_size)
+    batches = getattr(split, "batches", split)
+    return len(batches) if isinstance(batches, Sized) else None
+
+
+def resolve_norm(
+    model: nn.Module, split: EvalSource, normalize: Normalize | None = None
+) -> Normalize:
+    """``normalize``, else the ``input_norm`` that :func:`fit` attached to ``model``, else only
+    the /255 scaling (whose zero mean and unit std broadcast over any number of channels)."""
+    channels = split.images.shape[1] if isinstance(split, Split) else 1
+    return normalize or getattr(model, "input_norm", None) or Normalize.identity(channels)
+
+
+def view_probabilities(
+    model: nn.Module,
+    raw: Tensor,
+    norm: Normalize,
+    *,
+    flip: bool = False,
+    precision: str = "fp32",
+    channels_last: bool = False,
+) -> list[Tensor]:
+    """The softmax (float32, (B, classes)) of a uint8 batch on ``model``'s device; with ``flip``
+    also that of its horizontal mirror, as a second entry. ``model`` must be in eval mode."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    views = [raw, raw.flip(3)] if flip else [raw]
+    with autocast(raw.device, precision):
+        # mirror the image, then normalise, as training's flip does: a per-pixel mean is not
+        # mirror-symmetric, so mirroring the normalised batch would not match
+        return [model(norm(v).contiguous(memory_format=fmt)).float().softmax(1) for v in views]
 
 
 @torch.no_grad()
@@ -119,32 +175,16 @@ def evaluate_crops(
         preds.append(probs.argmax(1).cpu())
         labels.append(y.cpu())
     model.train(was_training)
-    return _report(_cat(preds), _cat(labels), model_config(model).num_classes)
+    return confusion_report(_cat(preds), _cat(labels), model_config(model).num_classes)
 
 
-def _batches(
-    split: Split | Iterable[tuple[Tensor, Tensor]], batch_size: int
-) -> Iterable[tuple[Tensor, Tensor]]:
-    if isinstance(split, Split):
-        return (
-            (split.images[i : i + batch_size], split.labels[i : i + batch_size])
-            for i in range(0, len(split), batch_size)
-        )
-    return split
-
-
-def _count(split: Split | Iterable[tuple[Tensor, Tensor]], batch_size: int) -> int | None:
-    """Batches, for the progress bar, where known."""
-    if isinstance(split, Split):
-        return -(-len(split) // batch_size)
-    batches = getattr(split, "batches", split)
-    return len(batches) if isinstance(batches, Sized) else None
-
-
-def _report(pred: Tensor, y: Tensor, k: int) -> dict[str, Any]:
+def confusion_report(pred: Tensor, y: Tensor, num_classes: int) -> dict[str, Any]:
+    """Accuracy, error, n, per-class accuracy and the confusion matrix (rows: true class) of the
+    predicted classes ``pred`` against the labels ``y``."""
+    k = num_classes
     confusion = torch.bincount(y * k + pred, minlength=k * k).view(k, k)
     per_class = confusion.diag().double() / confusion.sum(1).clamp_min(1)
-    acc = _accuracy(pred, y)
+    acc = accuracy(pred, y)
     return {
         "accuracy": acc,
         "error": 1.0 - acc,
@@ -158,7 +198,7 @@ def _cat(preds: list[Tensor]) -> Tensor:
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64)
 
 
-def _accuracy(pred: Tensor, y: Tensor) -> float:
+def accuracy(pred: Tensor, y: Tensor) -> float:
     return float((pred == y).double().mean()) if len(y) else float("nan")
 
 
