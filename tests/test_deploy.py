@@ -376,12 +376,12 @@ def test_predict_unreadable_images(
     out = tmp_path / "out.jsonl"
     assert cli([*argv, "--output", str(out)]) == 2  # stops, names the file, writes nothing
     err = capsys.readouterr().err
-    assert f"cannot read image {bad}" in err and len(err.strip().splitlines()) == 1
+    assert f"cannot use image {bad}: not an image" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
     assert cli([*argv, "--skip-unreadable"]) == 0
     captured = capsys.readouterr()
     found = predictions(captured.out)
-    assert list(found)[:3] == [p.name for p in good] and "cannot read image" in found["broken.png"]
+    assert list(found)[:3] == [p.name for p in good] and "not an image" in found["broken.png"]
     assert "skipped 1 unreadable image(s)" in captured.err and str(bad) in captured.err
     assert cli(["predict", str(_named_pipe(tmp_path)), *map(str, good)]) == 2  # not read: no hang
     assert "is not a regular file" in capsys.readouterr().err
@@ -501,9 +501,9 @@ def test_int8_export_of_a_digits_run(
         drop = ((want == test.labels).float().mean() - (got == test.labels).float().mean()).item()
         assert agreement >= 0.97 and drop <= 0.02, (fmt, agreement, drop)
         assert load_exported(out).meta["int8"]["calibration_images"] == 256
-    # the checkpoint records no input size (per-channel normalisation): said, not guessed
-    assert cli(["export", str(digits_run), "--int8", "--out", str(tmp_path / "x.onnx")]) == 2
-    assert "has 8x8 images but the checkpoint records no input size" in capsys.readouterr().err
+    # the checkpoint records its input config (format 3): no --image-size needed, none guessed
+    assert cli(["export", str(digits_run), "--int8", "--out", str(tmp_path / "x.onnx")]) == 0
+    assert load_exported(tmp_path / "x.onnx").meta["input"]["shape"][1:] == [1, 8, 8]
 
 
 def test_a_missing_extra_is_one_line(
