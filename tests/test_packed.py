@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reslab.data import DataSplits, Normalize, Split, random_crop_flip
+from reslab.data import DataSplits, Normalize, Split
+from reslab.data.feed import endless
+from reslab.data.training import MemoryData
 from reslab.models import DenseConfig, ResNetConfig, build_model, get_config
 from reslab.models.packed import (
     PACKERS,
@@ -134,32 +136,27 @@ def _separate_runs(
     poison: tuple[int, int] | None = None,
 ) -> list[dict]:
     """K ordinary runs, each as the trainer runs it (reslab.train.loop.fit, step for step):
-    its generator, a permutation per epoch, crop+flip, torch.optim.SGD, the warm-up rule.
+    the trainer's batches of its seed, torch.optim.SGD, the warm-up rule.
     ``poison=(member, step)`` makes that member's batch NaN at that step; the run then stops
     before the optimiser step, as the trainer does."""
     norm = Normalize.fit(splits.train.images, cfg.normalize)
-    n, b = len(splits.train), cfg.batch_size
-    spe = cfg.steps_per_epoch(n)
+    b = cfg.batch_size
+    data = MemoryData(splits)
     out = []
     for m, (model, seed) in enumerate(zip(models, SEEDS, strict=True)):
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
         opt = torch.optim.SGD(_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum,
                               nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)  # fmt: skip
-        g = torch.Generator().manual_seed(seed)
-        perm: Tensor | None = None
+        batches = endless(data.train_batches(b, seed=seed, device=torch.device("cpu"),
+                                             pad=cfg.pad, flip=cfg.flip))  # fmt: skip
         warming = wants_warmup(cfg, model.config.depth)
         recent: list[float] = []
         losses: list[float] = []
         left_warmup = None
         for step in range(steps):
-            pos = step % spe
-            if pos == 0 or perm is None:
-                perm = torch.randperm(n, generator=g)
-            idx = perm[pos * b : (pos + 1) * b]
-            x = random_crop_flip(splits.train.images[idx], padding=cfg.pad, flip=cfg.flip,
-                                 generator=g)  # fmt: skip
-            x, y = norm(x).to(dtype), splits.train.labels[idx]
+            x, y = next(batches)
+            x = norm(x).to(dtype)
             if poison == (m, step):
                 x = torch.full_like(x, math.nan)
             if cfg.channels_last:
@@ -322,14 +319,14 @@ def test_warmup_ends_at_each_members_own_step(splits) -> None:
     """He et al. 2015 §4.2: lr 0.01 until the member's training error is below the threshold,
     then 0.1, per member; the packed run leaves warm-up at the steps the separate runs do."""
     cfg = _config("resnet20_A")
-    tcfg = _train_cfg(iters=16, warmup="error", warmup_error=0.86)
-    runs = _separate_runs(_members(cfg, torch.float64), splits, tcfg, steps=16, dtype=torch.float64)
+    tcfg = _train_cfg(iters=20, warmup="error", warmup_error=0.86)
+    runs = _separate_runs(_members(cfg, torch.float64), splits, tcfg, steps=20, dtype=torch.float64)
     left = [r["left_warmup"] for r in runs]
     assert None not in left and len(set(left)) > 1, (
         f"members should leave at different steps: {left}"
     )
     packed = pack(_members(cfg, torch.float64), seeds=SEEDS)
-    result = _packed_run(packed, splits, tcfg, steps=16, dtype=torch.float64)
+    result = _packed_run(packed, splits, tcfg, steps=20, dtype=torch.float64)
     assert result["left_warmup"] == left
     _assert_state_close(packed, [r["model"] for r in runs], rtol=1e-8, atol=1e-10)
 

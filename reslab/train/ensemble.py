@@ -24,9 +24,15 @@ import torch
 from torch import Tensor, nn
 
 from reslab._progress import progress_bar
-from reslab.data import Normalize, Split
+from reslab.data import Normalize
 from reslab.train.checkpoint import model_config
-from reslab.train.evaluation import confusion_report, resolve_norm, view_probabilities
+from reslab.train.evaluation import (
+    EvalSource,
+    batches_of,
+    confusion_report,
+    resolve_norm,
+    view_probabilities,
+)
 
 __all__ = ["PACKED_FILES", "evaluate_ensemble", "expand_runs", "packed_members"]
 
@@ -98,7 +104,7 @@ def _per_member(value: Any, k: int, name: str) -> list[Any]:
 @torch.no_grad()
 def evaluate_ensemble(
     models: Sequence[nn.Module],
-    split: Split,
+    split: EvalSource,
     *,
     batch_size: int = 512,
     device: torch.device | str | None = None,
@@ -112,7 +118,8 @@ def evaluate_ensemble(
 ) -> dict[str, Any]:
     """Score the ensemble whose prediction is the mean of ``models``' softmax outputs.
 
-    Every member sees the same uint8 images of ``split`` through its own normalisation (entry
+    Every member sees the same uint8 images of ``split`` (a split in memory, or any iterable of
+    (uint8 images, labels) batches, such as a streamed split's) through its own normalisation (entry
     ``i`` of ``normalize``, else the ``input_norm`` :func:`fit` attached to it) and its own
     ``flip`` (test-time mirror, as in :func:`reslab.train.evaluate`: a member's probabilities are
     then the mean over the image and its mirror). The models must be on ``device`` (default:
@@ -147,10 +154,14 @@ def evaluate_ensemble(
     correct_member = torch.zeros(k, dtype=torch.int64, device=device)
     preds: list[Tensor] = []
     kept: list[Tensor] = []
-    starts = range(0, len(split), batch_size)
-    for i in progress_bar(starts, desc=desc, unit="batch", leave=False, enabled=progress):
-        raw = split.images[i : i + batch_size].to(device, non_blocking=True)
-        y = split.labels[i : i + batch_size].to(device, non_blocking=True)
+    labels_seen: list[Tensor] = []
+    batches = batches_of(split, batch_size)
+    for raw, y in progress_bar(batches, desc=desc, unit="batch", leave=False, enabled=progress):
+        if not len(y):  # a streamed batch whose images skip_bad all left out
+            continue
+        labels_seen.append(y.cpu())
+        raw = raw.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
         total = torch.zeros(0)  # the sum of the first j members' probabilities
         for j, (model, norm, mirror) in enumerate(zip(models, norms, flips, strict=True)):
             views = view_probabilities(
@@ -165,7 +176,7 @@ def evaluate_ensemble(
             kept.append((total / k).cpu())
     for m, mode in zip(models, modes, strict=True):
         m.train(mode)
-    labels = split.labels
+    labels = torch.cat(labels_seen) if labels_seen else torch.zeros(0, dtype=torch.int64)
     pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64)
     num_classes = counts.pop()
     report = confusion_report(pred, labels, num_classes)

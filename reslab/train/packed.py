@@ -2,8 +2,8 @@
 
 What keeps the K members independent, step by step:
 
-- **Data**: :class:`MemberBatches` gives member ``m`` the data order and augmentation a separate
-  ``fit`` run with seed ``seeds[m]`` draws (its own generator, its own permutation per epoch).
+- **Data**: :class:`MemberBatches` gives member ``m`` the batches a separate ``fit`` run with
+  seed ``seeds[m]`` draws (the trainer's own in-memory batches, seeded by the member's seed).
 - **Loss**: :func:`member_losses` is each member's mean cross-entropy; the backward pass runs on
   their sum, so each member's gradient is exactly its own (no other term depends on its weights).
 - **Optimiser**: :class:`PackedSGD` is ``torch.optim.SGD``'s update (weight decay, momentum,
@@ -23,7 +23,7 @@ every step and look at the members' state only when it evaluates or checkpoints.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reslab.data import Normalize, random_crop_flip
+from reslab.data import Normalize
+from reslab.data.feed import InMemoryBatches, endless
 from reslab.models.packed import PackedNet
 from reslab.train.config import TrainConfig
 
@@ -265,9 +266,10 @@ class MemberState:
 
 
 class MemberBatches:
-    """Training batches of K members, each drawn as a separate ``fit`` run with its seed draws
-    them: its own ``torch.Generator`` seeded with the member's seed, a new permutation of the
-    training set at every epoch, then pad-crop-flip from the same generator.
+    """Training batches of K members, member ``m``'s exactly those a separate ``fit`` run with
+    seed ``seeds[m]`` trains on: the trainer's in-memory batches
+    (:class:`reslab.data.feed.InMemoryBatches`, an order per epoch and pad-crop-flip per sample,
+    both seeded from the member's seed and its position).
 
     ``batch(step)`` returns the packed input ``(N, K*C, H, W)`` (normalised) and labels ``(N, K)``.
     """
@@ -280,11 +282,15 @@ class MemberBatches:
         cfg: TrainConfig,
         normalize: Normalize,
     ) -> None:
-        self.images, self.labels, self.cfg = images, labels, cfg
         self.seeds = list(seeds)
-        self.generators = [torch.Generator().manual_seed(s) for s in self.seeds]
-        self.perms: list[Tensor | None] = [None] * len(self.seeds)
-        self.steps_per_epoch = cfg.steps_per_epoch(len(labels))
+        pad, flip = (cfg.pad, cfg.flip) if cfg.augment else (0, False)
+        self.members = [
+            InMemoryBatches.training(images, labels, cfg.batch_size, seed=s, pad=pad, flip=flip)
+            for s in self.seeds
+        ]
+        self.steps_per_epoch = len(self.members[0])
+        self._streams: list[Iterator[tuple[Tensor, Tensor]]] = []
+        self._next = -1  # the step the streams are at
         k = len(self.seeds)
         # one normalisation over the packed channels: elementwise, so the same numbers
         self.normalize = Normalize(
@@ -292,29 +298,23 @@ class MemberBatches:
         )
 
     def batch(self, step: int) -> tuple[Tensor, Tensor]:
-        cfg, b = self.cfg, self.cfg.batch_size
-        pos = step % self.steps_per_epoch
-        xs, ys = [], []
-        for m, g in enumerate(self.generators):
-            if pos == 0 or self.perms[m] is None:
-                self.perms[m] = torch.randperm(len(self.labels), generator=g)
-            perm = self.perms[m]
-            assert perm is not None
-            idx = perm[pos * b : (pos + 1) * b].to(self.images.device)
-            x = self.images[idx]
-            if cfg.augment:
-                x = random_crop_flip(x, padding=cfg.pad, flip=cfg.flip, generator=g)
-            xs.append(x)
-            ys.append(self.labels[idx])
+        if step != self._next:  # batches are a function of the position: go there
+            for member in self.members:
+                member.seek(step)
+            self._streams = [endless(member) for member in self.members]
+        xs, ys = zip(*(next(stream) for stream in self._streams), strict=True)
+        self._next = step + 1
         return self.normalize(torch.cat(xs, 1)), torch.stack(ys, 1)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"perms": list(self.perms), "rng": [g.get_state() for g in self.generators]}
+        return {"members": [member.state_dict() for member in self.members]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.perms = list(state["perms"])
-        for g, s in zip(self.generators, state["rng"], strict=True):
-            g.set_state(s)
+        for member, position in zip(self.members, state["members"], strict=True):
+            member.load_state_dict(position)
+        self._streams = [endless(member) for member in self.members]
+        first = state["members"][0]
+        self._next = first["epoch"] * self.steps_per_epoch + first["batch"]
 
 
 def packed_train_step(
