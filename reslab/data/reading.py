@@ -113,6 +113,10 @@ def open_data(
     to the size). ``val_size``/``seed``: the validation split held out of train/ when the source
     has no val/; ``classes``/``train_fraction``: a subset, as :func:`load_data`. ``skip_bad``
     leaves unreadable images out (listed) instead of stopping with an error naming the first.
+
+    Over 60 lines because it is the one place where the three ways in (whole in memory,
+    decoded to memory, streamed) are chosen; split, the choice would be spread over helpers
+    that each need all the arguments.
     """
     if input is not None:
         image_size, resize = int(input.size[0]), input.resize
