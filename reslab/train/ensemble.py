@@ -101,6 +101,24 @@ def _per_member(value: Any, k: int, name: str) -> list[Any]:
     return [value] * k
 
 
+def _check_members(
+    models: Sequence[nn.Module],
+    split: EvalSource,
+    normalize: Normalize | Sequence[Normalize | None] | None,
+    flip: bool | Sequence[bool],
+) -> tuple[int, list[Normalize], list[bool]]:
+    """The members' common number of classes, and each member's normalisation and mirror."""
+    if not models:
+        raise ValueError("an ensemble needs at least one model")
+    counts = [model_config(m).num_classes for m in models]
+    if len(set(counts)) > 1:
+        sizes = ", ".join(map(str, counts))
+        raise ValueError(f"ensemble members predict different numbers of classes: {sizes}")
+    given = _per_member(normalize, len(models), "normalize")
+    norms = [resolve_norm(m, split, n) for m, n in zip(models, given, strict=True)]
+    return counts[0], norms, [bool(f) for f in _per_member(flip, len(models), "flip")]
+
+
 @torch.no_grad()
 def evaluate_ensemble(
     models: Sequence[nn.Module],
@@ -135,17 +153,9 @@ def evaluate_ensemble(
     Memory: the members run batch by batch on a running sum of probabilities, so nothing of size
     members x images x classes is ever held.
     """
-    if not models:
-        raise ValueError("an ensemble needs at least one model")
+    num_classes, norms, flips = _check_members(models, split, normalize, flip)
     k = len(models)
-    counts = {model_config(m).num_classes for m in models}
-    if len(counts) > 1:
-        sizes = ", ".join(str(model_config(m).num_classes) for m in models)
-        raise ValueError(f"ensemble members predict different numbers of classes: {sizes}")
     device = torch.device(device) if device is not None else next(models[0].parameters()).device
-    given = _per_member(normalize, k, "normalize")
-    norms = [resolve_norm(m, split, n) for m, n in zip(models, given, strict=True)]
-    flips = [bool(f) for f in _per_member(flip, k, "flip")]
     modes = [m.training for m in models]
     for m in models:
         m.eval()
@@ -162,15 +172,10 @@ def evaluate_ensemble(
         labels_seen.append(y.cpu())
         raw = raw.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
-        total = torch.zeros(0)  # the sum of the first j members' probabilities
-        for j, (model, norm, mirror) in enumerate(zip(models, norms, flips, strict=True)):
-            views = view_probabilities(
-                model, raw, norm, flip=mirror, precision=precision, channels_last=channels_last
-            )
-            probs = sum(views[1:], views[0]) / len(views)  # one vote per member, however many views
-            total = probs if j == 0 else total + probs
-            correct_member[j] += (probs.argmax(1) == y).sum()
-            correct_ensemble[j] += (total.argmax(1) == y).sum()  # the mean's argmax is the sum's
+        members = [view_probabilities(model, raw, norm, flip=mirror, precision=precision,
+                                      channels_last=channels_last)
+                   for model, norm, mirror in zip(models, norms, flips, strict=True)]  # fmt: skip
+        total = _tally(members, y, correct_member, correct_ensemble)
         preds.append(total.argmax(1).cpu())
         if keep_probabilities:
             kept.append((total / k).cpu())
@@ -178,7 +183,6 @@ def evaluate_ensemble(
         m.train(mode)
     labels = torch.cat(labels_seen) if labels_seen else torch.zeros(0, dtype=torch.int64)
     pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64)
-    num_classes = counts.pop()
     report = confusion_report(pred, labels, num_classes)
     singles = [_share(c, len(labels)) for c in correct_member.tolist()]
     report.update(
@@ -191,6 +195,24 @@ def evaluate_ensemble(
     if keep_probabilities:
         report["probabilities"] = torch.cat(kept) if kept else torch.zeros(0, num_classes)
     return report
+
+
+def _tally(
+    members: Sequence[Sequence[Tensor]],
+    y: Tensor,
+    correct_member: Tensor,
+    correct_ensemble: Tensor,
+) -> Tensor:
+    """Add one batch's correct predictions, of each member alone and of the first ``j`` members
+    together, to the counts; return the sum of all members' probabilities. ``members[j]``: member
+    ``j``'s probabilities of each view (one vote per member, however many views)."""
+    total = torch.zeros(0)  # the sum of the first j members' probabilities
+    for j, views in enumerate(members):
+        probs = sum(views[1:], views[0]) / len(views)
+        total = probs if j == 0 else total + probs
+        correct_member[j] += (probs.argmax(1) == y).sum()
+        correct_ensemble[j] += (total.argmax(1) == y).sum()  # the mean's argmax is the sum's
+    return total
 
 
 def _share(count: int, n: int) -> float:
