@@ -120,18 +120,27 @@ def input_spec(checkpoint: Mapping[str, Any], *, image_size: int | None = None) 
     else ``image_size``. A checkpoint that records none of these is refused: a guessed size gives
     confident wrong answers (a digits network fed 32-px images).
     """
-    config = checkpoint.get("model_config") or {}
     dense = checkpoint.get("model_kind") == "dense"
     saved = checkpoint.get("input_config")
     if saved is not None:
-        cfg = InputConfig.from_dict(dict(saved))
-        if image_size is not None and not dense:
-            cfg = cfg.resized(image_size)
-        norm = cfg.normalizer()
-        fixed = dense or cfg.normalize == "pixel"
-        spec = InputSpec(cfg.channels, cfg.size[0], cfg.size[1], norm.mean, norm.std,
-                         cfg.normalize, fixed, cfg.interpolation, cfg.resize)  # fmt: skip
-        return spec.resized(image_size) if dense else spec
+        return _from_input_config(InputConfig.from_dict(dict(saved)), dense, image_size)
+    return _from_weights(checkpoint, dense, image_size)
+
+
+def _from_input_config(cfg: InputConfig, dense: bool, image_size: int | None) -> InputSpec:
+    """The spec of a checkpoint that carries its input config (format 3 on)."""
+    if image_size is not None and not dense:
+        cfg = cfg.resized(image_size)
+    norm = cfg.normalizer()
+    fixed = dense or cfg.normalize == "pixel"
+    spec = InputSpec(cfg.channels, cfg.size[0], cfg.size[1], norm.mean, norm.std,
+                     cfg.normalize, fixed, cfg.interpolation, cfg.resize)  # fmt: skip
+    return spec.resized(image_size) if dense else spec
+
+
+def _from_weights(checkpoint: Mapping[str, Any], dense: bool, image_size: int | None) -> InputSpec:
+    """The spec of an older checkpoint: what its weights fix, else ``image_size``."""
+    config = checkpoint.get("model_config") or {}
     norm = checkpoint.get("normalization")
     mean = std = None
     if norm is not None:
@@ -148,11 +157,11 @@ def input_spec(checkpoint: Mapping[str, Any], *, image_size: int | None = None) 
         mean, std = torch.zeros(channels, 1, 1), torch.ones(channels, 1, 1)
     mode = str(norm["mode"]) if norm is not None else "none"
 
-    def spec(h: int, w: int, fixed: bool) -> InputSpec:
+    def make(h: int, w: int, fixed: bool) -> InputSpec:
         return InputSpec(channels, h, w, mean, std, mode, fixed)
 
     if mean.ndim == 3 and tuple(mean.shape[-2:]) != (1, 1):  # a per-pixel mean
-        return spec(int(mean.shape[-2]), int(mean.shape[-1]), True).resized(image_size)
+        return make(int(mean.shape[-2]), int(mean.shape[-1]), True).resized(image_size)
     if dense:
         features = int(config["widths"][0])  # flattened square images
         side = math.isqrt(features // channels)
@@ -161,7 +170,7 @@ def input_spec(checkpoint: Mapping[str, Any], *, image_size: int | None = None) 
                 f"this dense checkpoint takes {features} input features, which are not "
                 f"{channels} channel(s) of a square image"
             )
-        return spec(side, side, True).resized(image_size)
+        return make(side, side, True).resized(image_size)
     if image_size is None:
         raise ValueError(
             "this checkpoint does not record the image size its network was trained on (it was "
@@ -171,7 +180,7 @@ def input_spec(checkpoint: Mapping[str, Any], *, image_size: int | None = None) 
         )
     if image_size < 1:
         raise ValueError(f"image size must be >= 1, got {image_size}")
-    return spec(image_size, image_size, False)
+    return make(image_size, image_size, False)
 
 
 def read_image(path: str | Path, spec: InputSpec) -> Tensor:
