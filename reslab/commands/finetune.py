@@ -11,6 +11,7 @@ from typing import Any
 from reslab.commands.options import (
     add_run_folder_options,
     add_trainer_options,
+    claim_run_folder,
     class_names,
     fraction,
     nonnegative_float,
@@ -124,13 +125,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    import torch
-
-    from reslab.data import load_data
-    from reslab.transfer.finetune import FinetuneOptions, finetune
+    from reslab.transfer.finetune import FinetuneOptions
 
     if args.resume is not None:
-        return _resume(args)
+        with claim_run_folder(args.resume, resume=True):  # before the data is read
+            return _resume(args)
     required = [flag for flag, value in (("--from", args.source), ("--data", args.data))
                 if value is None]  # fmt: skip
     if required:
@@ -142,13 +141,23 @@ def run_finetune(args: argparse.Namespace) -> int:
         pretrained_lr_scale=0.1 if args.pretrained_lr_scale is None else args.pretrained_lr_scale,
         sha256=args.sha256,
     )
-    train_fraction = 1.0 if args.train_fraction is None else args.train_fraction
     cfg = train_config(args, command="finetune", data=args.data)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = args.out or Path("runs") / f"finetune-{Path(args.data).stem}-{stamp}"
     _refuse_a_used_folder(out)
+    with claim_run_folder(out, resume=False, allow_nonempty=args.allow_nonempty):
+        return _finetune_into(out, args, cfg, options)
+
+
+def _finetune_into(out: Path, args: argparse.Namespace, cfg: Any, options: Any) -> int:
+    import torch
+
+    from reslab.data import load_data
+    from reslab.transfer.finetune import finetune
+
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    train_fraction = 1.0 if args.train_fraction is None else args.train_fraction
     classes = args.classes  # a list of distinct names, or None
     splits = load_data(
         args.data,
@@ -172,7 +181,7 @@ def run_finetune(args: argparse.Namespace) -> int:
             "classes": classes, "train_fraction": train_fraction}  # fmt: skip
     return _train(
         lambda: finetune(source, splits, cfg, out, options=options, model=args.model,
-                         run_info=info),
+                         run_info=info, allow_nonempty=args.allow_nonempty),
         out,
     )  # fmt: skip
 

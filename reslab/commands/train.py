@@ -17,6 +17,7 @@ from reslab.commands.options import (
     add_run_folder_options,
     add_trainer_options,
     check_train_resume,
+    claim_run_folder,
     nonnegative_int,
     resume_config,
     train_config,
@@ -26,6 +27,7 @@ from reslab.models import DenseConfig, build_model, get_config
 from reslab.train import TrainConfig, TrainingInterrupted, evaluate, fit
 from reslab.train.checkpoint import find_checkpoint, load_checkpoint, load_model
 from reslab.train.config import DEVICES
+from reslab.train.outputs import read_run_config
 
 DEFAULT_MODEL = "cifar_resnet20"
 
@@ -84,6 +86,14 @@ def _model_for(name: str, splits: DataSplits) -> nn.Module:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    resume = args.resume is not None
+    # one process per run folder, taken before the data is read
+    with claim_run_folder(args.resume if resume else args.out, resume=resume,
+                          allow_nonempty=args.allow_nonempty):  # fmt: skip
+        return _run_train(args)
+
+
+def _run_train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         return _resume(args)
     data = args.data or "digits"
@@ -102,7 +112,7 @@ def run_train(args: argparse.Namespace) -> int:
     info = {"model_name": name, "data_spec": data, "val_size": args.val_size}
     print(f"train {name} on {splits.name} ({len(splits.train)} train / {len(splits.val)} val / "
           f"{len(splits.test)} test), recipe {cfg.recipe}, run folder {out}")  # fmt: skip
-    return _fit(model, splits, cfg, out, info, resume=False)
+    return _fit(model, splits, cfg, out, info, resume=False, allow_nonempty=args.allow_nonempty)
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -127,9 +137,11 @@ def _fit(
     info: dict[str, Any],
     *,
     resume: bool,
+    allow_nonempty: bool = False,
 ) -> int:
     try:
-        result = fit(model, splits, cfg, out, resume=resume, run_info=info, verbose=True)
+        result = fit(model, splits, cfg, out, resume=resume, allow_nonempty=allow_nonempty,
+                     run_info=info, verbose=True)  # fmt: skip
     except TrainingInterrupted as exc:
         print(f"reslab train: {exc}", flush=True)
         return 128 + exc.signum
@@ -169,8 +181,7 @@ def format_report(report: dict[str, Any], classes: list[str]) -> str:
 def run_eval(args: argparse.Namespace) -> int:
     path = find_checkpoint(args.checkpoint)
     ckpt = load_checkpoint(path)
-    config_file = path.parent / "config.json"
-    saved = json.loads(config_file.read_text()) if config_file.exists() else {}
+    saved = read_run_config(path.parent) if (path.parent / "config.json").exists() else {}
     spec = args.data or saved.get("data_spec")
     if spec is None:
         raise ValueError("--data is needed (no config.json next to the checkpoint)")
@@ -185,6 +196,10 @@ def run_eval(args: argparse.Namespace) -> int:
     if flip is None:
         flip = bool(ckpt.get("train_config", {}).get("eval_flip", False))
     split = getattr(splits, args.split)
+    if not len(split):  # an accuracy of no images is not a number to print
+        why = " (the run held none out: --val-size 0)" if saved.get("val_size") == 0 else ""
+        hint = "; evaluate --split test" if args.split == "val" else ""
+        raise ValueError(f"no {args.split} images to evaluate in {spec}{why}{hint}")
     report = evaluate(model, split, device=device, flip=flip, progress=None, desc=args.split)
     report = {"checkpoint": str(path), "data": spec, "split": args.split, "step": ckpt["step"],
               "flip": flip, "classes": splits.classes, **report}  # fmt: skip

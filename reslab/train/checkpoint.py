@@ -13,9 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from reslab._io import atomic_path
+from reslab._io import save_torch
 from reslab.data.augment import Normalize
 from reslab.models import DenseConfig, DenseResNet, ResNetConfig, build_model
+from reslab.train.step import NonFiniteLossError
 
 __all__ = [
     "BEST",
@@ -27,6 +28,7 @@ __all__ = [
     "load_model",
     "model_config",
     "model_record",
+    "non_finite_tensors",
     "save_checkpoint",
     "set_input_norm",
 ]
@@ -41,10 +43,38 @@ def holds_run(run_dir: Path) -> bool:
     return any((Path(run_dir) / name).exists() for name in (LATEST, BEST))
 
 
+def non_finite_tensors(tree: Any, name: str = "") -> list[str]:
+    """Where ``tree`` (a checkpoint: nested dicts and lists of tensors) holds a floating-point
+    tensor with a NaN or infinity, as dotted names (``model.fc.weight``,
+    ``optimizer.state.3.momentum_buffer``)."""
+    if isinstance(tree, torch.Tensor):
+        finite = not tree.is_floating_point() or bool(torch.isfinite(tree).all())
+        return [] if finite else [name or "tensor"]
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, list | tuple):
+        items = enumerate(tree)  # type: ignore[assignment]
+    else:
+        return []
+    return [
+        bad for k, v in items for bad in non_finite_tensors(v, f"{name}.{k}" if name else str(k))
+    ]
+
+
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """``torch.save`` to a temporary file, then rename: a crash never leaves a half-written file."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    """``torch.save`` to a temporary file, then rename: a crash never leaves a half-written file,
+    and a failed write is a :class:`~reslab._io.WriteError` naming ``path`` and the reason.
+
+    A state with non-finite weights or optimiser buffers (a diverged step) is never written: it
+    raises :class:`~reslab.train.step.NonFiniteLossError` and the file keeps its last good state.
+    """
+    bad = non_finite_tensors(state)
+    if bad:
+        raise NonFiniteLossError(
+            f"not writing {path}: non-finite values in {', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''} (the run diverged)"
+        )
+    save_torch(state, path)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -31,9 +31,10 @@ from reslab.train.outputs import RunFolder
 from reslab.train.schedule import learning_rate, train_resolution, wants_warmup
 from reslab.train.setup import (
     Placement,
+    data_identity,
+    own_run_folder,
     place,
     prepare_model,
-    refuse_occupied,
     resume_checkpoint,
     wrap_model,
 )
@@ -77,6 +78,7 @@ def fit(
     param_groups: list[dict] | None = None,
     on_step: Callable[[int, nn.Module], None] | None = None,
     resume: bool = False,
+    allow_nonempty: bool = False,
     run_info: dict[str, Any] | None = None,
     verbose: bool | None = None,
     progress: bool | None = None,
@@ -85,7 +87,11 @@ def fit(
 
     With ``out_dir`` the run folder gets config.json, metrics.jsonl, checkpoints (latest and best
     on validation), TensorBoard events, summary.json and curves.png; ``resume=True`` continues
-    from ``out_dir/checkpoint_latest.pt`` bit-exactly. ``on_step(step, model)`` runs at the start
+    from ``out_dir/checkpoint_latest.pt`` bit-exactly, after checking the model, optimiser groups,
+    data and config against it. The folder is this process's while it runs (another ``fit`` there
+    raises :class:`reslab._io.FolderLockedError`); a fresh run refuses a folder with files it
+    would replace, and one with other files unless ``allow_nonempty``
+    (:func:`~reslab.train.setup.refuse_occupied`). ``on_step(step, model)`` runs at the start
     of every step, before the forward pass. ``verbose`` prints a line per evaluation; ``progress``
     draws bars for the steps and evaluations (default: with ``verbose``, on a terminal). Under
     torchrun every rank calls ``fit``; rank 0 evaluates and writes.
@@ -102,15 +108,25 @@ def fit(
     spe, total = state.batches.steps_per_epoch, cfg.total_steps(len(splits.train))
     eval_every = cfg.eval_every or spe
     torch.manual_seed(cfg.seed)  # global RNG: anything stochastic inside the model
-    if resume:
-        assert out_dir is not None
-        state.load_state_dict(resume_checkpoint(out_dir, cfg, total))
-    elif out_dir is not None:
-        refuse_occupied(out_dir)
-    folder = RunFolder(out_dir, cfg, splits.classes) if out_dir is not None and main else None
-    if folder is not None:
-        folder.start(_config(model, splits, cfg, where, run_info), state)
-    train_model = wrap_model(model, cfg, where)
+    data = data_identity(splits)
+    lock = None
+    if out_dir is not None:  # this process's folder, and may a fresh run start in it
+        lock = own_run_folder(out_dir, where, resume=resume, allow_nonempty=allow_nonempty)
+    try:  # everything checked before the first write, and the folder let go if a check fails
+        if resume:
+            assert out_dir is not None
+            ckpt = resume_checkpoint(out_dir, cfg, total, model=model, optimizer=state.optimizer,
+                                     data=data)  # fmt: skip
+            state.load_state_dict(ckpt)
+        folder = None
+        if out_dir is not None and main:
+            folder = RunFolder(out_dir, cfg, splits.classes, lock=lock, data=data)
+            folder.start(_config(model, data, cfg, where, run_info), state)
+        train_model = wrap_model(model, cfg, where)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     options = StepOptions.of(cfg, where.dist.world_size)
     bar = progress_bar(total=total, initial=state.step, desc="train", unit="step", enabled=show)
     model.train()
@@ -149,13 +165,15 @@ def fit(
                 latest = folder.save(state) if folder else None
                 signum = caught[0] if caught else signal.SIGTERM
                 raise TrainingInterrupted(signum, state.step, latest)
-
-    summary = {}
-    if main:
-        summary = summarize(model, splits, cfg, where.device, state, total=total,
-                            steps_per_epoch=spe, progress=show)  # fmt: skip
-    if folder is not None:
-        folder.finish(summary, state.history, title=_title(model, splits, cfg, run_info))
+        bar.close()
+        # still under the signal handlers: a SIGTERM or Ctrl-C now lets the summary be written
+        # (the final checkpoint is saved already; a resume of it would only write the summary)
+        summary = {}
+        if main:
+            summary = summarize(model, splits, cfg, where.device, state, total=total,
+                                steps_per_epoch=spe, progress=show)  # fmt: skip
+        if folder is not None:
+            folder.finish(summary, state.history, title=_title(model, splits, cfg, run_info))
     return FitResult(model, state.history, summary, state.losses)
 
 
@@ -223,22 +241,22 @@ def _evaluation_point(
 
 def _config(
     model: nn.Module,
-    splits: DataSplits,
+    data: dict[str, Any],
     cfg: TrainConfig,
     where: Placement,
     run_info: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """config.json: the recipe, the model, the data, where it ran, and the caller's ``run_info``."""
+    """config.json: the recipe, the model, the data (:func:`~reslab.train.setup.data_identity`),
+    where it ran, and the caller's ``run_info``."""
     return {
         "train_config": cfg.to_dict(),
         "model_config": model_config(model).to_dict(),
         "model_kind": model_record(model)["model_kind"],
-        "data": {"name": splits.name, "classes": splits.classes, "train": len(splits.train),
-                 "val": len(splits.val), "test": len(splits.test)},
+        "data": data,
         "world_size": where.dist.world_size,
         **run_record(where.device),
         **(run_info or {}),
-    }  # fmt: skip
+    }
 
 
 def _title(

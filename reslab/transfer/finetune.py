@@ -8,7 +8,6 @@ then the network is trained on the new data, usually for far fewer steps than fr
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,11 +125,12 @@ def finetune(
     model: str | None = None,
     run_info: dict[str, Any] | None = None,
     verbose: bool | None = None,
+    allow_nonempty: bool = False,
 ) -> Any:
     """Fine-tune the weights in ``path`` on ``splits`` (a ``reslab.data.DataSplits``) with the
     trainer config ``cfg``; returns ``reslab.train.fit``'s ``FitResult``. ``out_dir`` becomes the
     same run folder ``reslab train`` writes, with the load report (and ``run_info``) in its
-    config.json."""
+    config.json. ``allow_nonempty``: see :func:`reslab.train.fit`."""
     torch.manual_seed(cfg.seed)  # the new head's initial weights, as `reslab train` seeds its own
     net, report = pretrained_model(
         path,
@@ -164,7 +164,10 @@ def finetune(
     }
     if verbose or (verbose is None and out_dir is not None):
         print(report, flush=True)
-    return _fit(net, splits, cfg, out_dir, info, resume=False, verbose=verbose)
+    return _fit(
+        net, splits, cfg, out_dir, info, resume=False, verbose=verbose,
+        allow_nonempty=allow_nonempty,
+    )  # fmt: skip
 
 
 def resume_finetune(
@@ -182,9 +185,10 @@ def resume_finetune(
     validation split and seed) and ``cfg`` its trainer config. Returns ``fit``'s ``FitResult``.
     """
     from reslab.train.checkpoint import LATEST, load_model
+    from reslab.train.outputs import read_run_config
 
     run_dir = Path(run_dir)
-    saved = json.loads((run_dir / "config.json").read_text())
+    saved = read_run_config(run_dir)
     if "finetune" not in saved:
         raise ValueError(
             f"{run_dir} is not a fine-tuning run: continue it with "
@@ -204,6 +208,7 @@ def _fit(
     *,
     resume: bool,
     verbose: bool | None,
+    allow_nonempty: bool = False,
 ) -> Any:
     """``fit`` with the parameter groups and freeze schedule that ``info["finetune"]`` records,
     so a resumed run rebuilds exactly the optimiser and schedule of the first."""
@@ -225,6 +230,7 @@ def _fit(
         param_groups=groups,
         on_step=unfreeze_schedule(schedule),
         resume=resume,
+        allow_nonempty=allow_nonempty,
         run_info=info,
         verbose=verbose,
     )
