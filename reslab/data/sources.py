@@ -213,7 +213,7 @@ def _cifar_arrays(batch: dict, where: str, label_key: str) -> tuple[Tensor, Tens
 def read_cifar_python(path: Path) -> RawData:
     """CIFAR-10 (``data_batch_1..5``, ``test_batch``, ``batches.meta``) or CIFAR-100 (``train``,
     ``test``, ``meta``; fine labels) in the official python format, as a folder or ``.tar.gz``."""
-    files = _cifar_members(path)
+    files = _cifar_members(path, CIFAR_MAX_BYTES)
     if "batches.meta" in files or any(n.startswith(("data_batch_", "test_batch")) for n in files):
         # CIFAR-10: all five batches are expected, so a missing one is named, never skipped
         train_names = [f"data_batch_{i}" for i in range(1, 6)]
