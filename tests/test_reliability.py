@@ -127,6 +127,39 @@ def test_resume_of_a_running_run_is_refused(tmp_path: Path) -> None:
     assert main(["train", "--resume", str(run), "--iters", str(step + 2)]) == 0  # not stuck
 
 
+def _ddp_claim(rank: int, world: int, port: int, folder: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
+    )
+    import torch.distributed as dist
+
+    from reslab.train.setup import own_run_folder, place
+
+    where = place(_cfg(device="cpu"))
+    try:
+        own_run_folder(Path(folder), where, resume=False)
+        outcome = "took it"
+    except Exception as exc:
+        outcome = f"{type(exc).__name__}: {exc}"
+    Path(folder, f"rank{rank}.txt").write_text(outcome)
+    dist.destroy_process_group()
+
+
+def test_under_ddp_rank_0_owns_the_folder_and_every_rank_stops_with_it(tmp_path: Path) -> None:
+    """Rank 0 alone takes the lock; where it cannot, the other ranks must stop too rather than
+    wait for it at the first collective."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    with FolderLock(run):  # this process holds it: the two ranks are others
+        torch.multiprocessing.spawn(_ddp_claim, args=(2, port, str(run)), nprocs=2)
+    assert (run / "rank0.txt").read_text().startswith("FolderLockedError: ")
+    assert (run / "rank1.txt").read_text().startswith("RuntimeError: rank 0 cannot train")
+
+
 def test_files_reslab_did_not_write_are_never_replaced(digits, tmp_path: Path, capsys) -> None:
     """A user's own config.json / summary.json / metrics.jsonl in --out (no checkpoint) were
     silently overwritten."""
