@@ -84,6 +84,8 @@ def test_a_run_folder_in_use_is_refused_and_a_killed_owner_leaves_no_lock(
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"{run} is in use by another reslab process" in err
         assert f"pid {holder.pid}" in err
+        assert main(["train", "--resume", str(run)]) == 2
+        assert f"{run} is in use by another reslab process" in capsys.readouterr().err
         with pytest.raises(FolderLockedError):
             FolderLock(run).acquire()
         assert _files(run).keys() == {LOCK_NAME}  # nothing written by the refused run
@@ -94,6 +96,7 @@ def test_a_run_folder_in_use_is_refused_and_a_killed_owner_leaves_no_lock(
     assert (run / LATEST).exists() and (run / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_resume_of_a_running_run_is_refused(tmp_path: Path) -> None:
     """`--resume X` while X's run goes on: the second process would write the same
     checkpoints; it must stop with one line, before reading the data."""
@@ -101,7 +104,7 @@ def test_resume_of_a_running_run_is_refused(tmp_path: Path) -> None:
     trainer = _python(
         f"""
         from reslab.cli import main
-        main(["train", "--iters", "100000", "--eval-every", "5", "--out", {str(run)!r}])
+        main(["train", "--iters", "100000", "--eval-every", "2", "--out", {str(run)!r}])
         """
     )
     try:
@@ -145,6 +148,7 @@ def _ddp_claim(rank: int, world: int, port: int, folder: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_under_ddp_rank_0_owns_the_folder_and_every_rank_stops_with_it(tmp_path: Path) -> None:
     """Rank 0 alone takes the lock; where it cannot, the other ranks must stop too rather than
     wait for it at the first collective."""

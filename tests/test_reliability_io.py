@@ -78,7 +78,7 @@ def test_a_full_disk_stops_the_run_with_one_line_and_the_last_checkpoint_intact(
         disk = Path(sys.argv[1]) / "disk"
         run = disk / "run"
         cli = [sys.executable, "-m", "reslab", "train"]
-        full = subprocess.run(cli + ["--iters", "30", "--eval-every", "10", "--out", str(run)],
+        full = subprocess.run(cli + ["--iters", "20", "--eval-every", "10", "--out", str(run)],
                               capture_output=True, text=True)
         ckpt = torch.load(run / "checkpoint_latest.pt", weights_only=True)
         finite = all(bool(torch.isfinite(v).all()) for v in ckpt["model"].values()
@@ -100,7 +100,7 @@ def test_a_full_disk_stops_the_run_with_one_line_and_the_last_checkpoint_intact(
     assert r["step"] == 10 and r["finite"]  # the previous checkpoint, intact
     assert not [name for name in r["left"] if name.endswith(".tmp")]  # no half-written file
     assert r["resumed"] == 0, r["resumed_err"]
-    assert r["steps"] == 30
+    assert r["steps"] == 20
 
 
 @needs_tmpfs
