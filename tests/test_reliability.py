@@ -299,6 +299,12 @@ def test_a_damaged_config_json_is_named(tmp_path: Path, capsys) -> None:
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert f"config.json in {run} is not valid JSON" in err and err.count("\n") == 1
+    config = json.loads(text)
+    config["train_config"]["learning_rate"] = 0.1  # a hand-edited recipe: was a TypeError
+    (run / "config.json").write_text(json.dumps(config))
+    assert main(["train", "--resume", str(run), "--iters", "4"]) == 2
+    err = capsys.readouterr().err
+    assert f"config.json in {run} has an invalid train_config" in err and "learning_rate" in err
 
 
 # -- signals at the end and at the start -----------------------------------------------------------

@@ -67,6 +67,10 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
         raise ValueError(f"config.json in {run_dir} is not valid JSON: {exc}") from None
     if not isinstance(config, dict) or not isinstance(config.get("train_config"), dict):
         raise ValueError(f"config.json in {run_dir} is not a reslab run record (no train_config)")
+    try:  # a hand-edited recipe: an unknown field, a wrong type, a value out of range
+        TrainConfig.from_dict(config["train_config"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"config.json in {run_dir} has an invalid train_config: {exc}") from None
     return config
 
 
