@@ -177,6 +177,9 @@ def test_files_reslab_did_not_write_are_never_replaced(digits, tmp_path: Path, c
         err = capsys.readouterr().err
         assert "reslab did not write" in err and "config.json" in err
         assert _files(out) == before
+    finetune = ["finetune", "--from", str(tmp_path / "w.pt"), "--data", "digits"]
+    assert main([*finetune, "--out", str(out), "--allow-nonempty"]) == 2
+    assert "reslab did not write" in capsys.readouterr().err
     with pytest.raises(FileExistsError, match="reslab did not write"):
         fit(_model(), digits, _cfg(iters=2), out, allow_nonempty=True)
     assert _files(out) == before
