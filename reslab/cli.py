@@ -22,7 +22,8 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("train", "reslab.commands.train"),
     ("eval", "reslab.commands.train"),
     ("finetune", "reslab.commands.finetune"),
-    ("predict", "reslab.commands.finetune"),
+    ("predict", "reslab.commands.predict"),
+    ("export", "reslab.commands.export"),
     ("data", "reslab.commands.data"),
 ]
 

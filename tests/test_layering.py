@@ -24,11 +24,12 @@ RANKS: dict[str, int] = {
     "reslab.summary": 2,  # per-stage tables of a built model
     "reslab.data": 2,
     "reslab.train": 3,
-    "reslab.transfer": 4,
-    "reslab.analysis": 4,
-    "reslab.commands": 5,
-    "reslab.cli": 6,
-    "reslab.__main__": 7,
+    "reslab.deploy": 4,  # export, int8 and predict of trained checkpoints
+    "reslab.transfer": 5,  # re-exports deploy's predict for its old import path
+    "reslab.analysis": 5,
+    "reslab.commands": 6,
+    "reslab.cli": 7,
+    "reslab.__main__": 8,
 }
 
 

@@ -592,3 +592,31 @@ def test_16_bit_grey_images_are_scaled_not_clipped(tmp_path: Path) -> None:
     expected = torch.from_numpy(np.round(a / 257).astype(np.uint8))
     assert torch.equal(x[0], expected)
     assert torch.equal(read_image(path, 3, 8), expected.expand(3, 8, 8))
+
+
+# -- layering: the model layer reads weight files itself ---------------------------------------
+def test_create_model_pretrained_imports_nothing_above_models(tmp_path: Path) -> None:
+    """``create_model(name, pretrained=PATH)`` must not pull in reslab.transfer/train/data (the
+    layering models <- data <- train <- transfer), and reslab.transfer keeps its public names."""
+    import subprocess
+    import sys
+
+    import reslab.models.pretrained
+    import reslab.models.weights
+    import reslab.transfer
+
+    path = save_pth(create_model("cifar_resnet20").state_dict(), tmp_path / "w.pth")
+    code = (
+        "import sys; from reslab.models import create_model; "
+        f"create_model('cifar_resnet20', pretrained={str(path)!r}); "
+        "print(sorted(m for m in sys.modules if m.startswith('reslab.') and "
+        "m.split('.')[1] not in ('models',)))"
+    )
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
+    for name in ("read_weights", "Weights", "to_reslab_names", "UnsafeWeightsError"):
+        assert getattr(reslab.transfer, name) is getattr(reslab.models.weights, name)
+    for name in ("load_pretrained", "LoadReport", "adapt_input_conv"):
+        assert getattr(reslab.transfer, name) is getattr(reslab.models.pretrained, name)

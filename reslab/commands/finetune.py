@@ -1,4 +1,5 @@
-"""``reslab finetune`` and ``reslab predict``: thin wrappers around :mod:`reslab.transfer`."""
+"""``reslab finetune``: a thin wrapper around :mod:`reslab.transfer` (``reslab predict`` lives in
+:mod:`reslab.commands.predict`)."""
 
 from __future__ import annotations
 
@@ -106,22 +107,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_run_folder_options(p, default_out="runs/finetune-DATA-TIME")
     add_trainer_options(p, command="finetune")
     p.set_defaults(func=run_finetune)
-
-    q = subparsers.add_parser(
-        "predict",
-        help="top-k classes of images under a trained checkpoint",
-        description="Print the top-k classes (names stored in the checkpoint) and probabilities.",
-    )
-    q.add_argument("checkpoint", help="checkpoint file or run folder (best checkpoint)")
-    q.add_argument("images", nargs="+", metavar="IMAGE")
-    q.add_argument("--topk", type=positive_int, default=5, help="classes per image (default 5)")
-    q.add_argument(
-        "--image-size",
-        type=positive_int,
-        help="side the images are resized to (default: the training size if the "
-        "checkpoint records it, else 32)",
-    )
-    q.set_defaults(func=run_predict)
 
 
 def run_finetune(args: argparse.Namespace) -> int:
@@ -254,15 +239,3 @@ def _resume(args: argparse.Namespace) -> int:
             "data_spec": spec}  # fmt: skip
     print(f"resume {run_dir} at step {step}", flush=True)
     return _train(lambda: resume_finetune(run_dir, splits, cfg, run_info=info), run_dir)
-
-
-def run_predict(args: argparse.Namespace) -> int:
-    from reslab.transfer.predict import predict_files
-
-    for path, top in predict_files(
-        args.checkpoint, args.images, topk=args.topk, image_size=args.image_size
-    ):
-        print(path)
-        for name, prob in top:
-            print(f"  {prob:7.2%}  {name}")
-    return 0

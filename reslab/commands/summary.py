@@ -8,7 +8,8 @@ import json
 from torch import nn
 
 from reslab.commands.options import positive_int
-from reslab.models import DenseResNet, ResNet, create_model, list_models
+from reslab.models import DenseResNet, ResNet, ResNetConfig, create_model, list_models
+from reslab.models.layers import SHORTCUT_PADS
 from reslab.models.reference import PAPER
 from reslab.summary import format_summary, summarize
 
@@ -25,6 +26,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-classes", type=positive_int, default=None)
     p.add_argument("--in-channels", type=positive_int, default=None)
     p.add_argument("--stride-in", choices=("1x1", "3x3"), default=None)
+    p.add_argument(
+        "--shortcut-pad",
+        choices=tuple(SHORTCUT_PADS),
+        default=None,
+        help="option A: zero channels after the identity's (default) or split before and after",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_summary)
 
@@ -50,6 +57,7 @@ def run_summary(args: argparse.Namespace) -> int:
             ("num_classes", args.num_classes),
             ("in_channels", args.in_channels),
             ("stride_in", args.stride_in),
+            ("shortcut_pad", args.shortcut_pad),
         )
         if v is not None
     }
@@ -58,8 +66,22 @@ def run_summary(args: argparse.Namespace) -> int:
     if args.input_size is not None:
         size = (size[0], args.input_size, args.input_size)
     summary = summarize(model, size, name=args.model)
-    print(json.dumps(summary.to_dict(), indent=2) if args.json else format_summary(summary))
+    if args.json:
+        print(json.dumps({**summary.to_dict(), "shortcut": shortcut_kind(model)}, indent=2))
+    else:
+        kind = shortcut_kind(model)
+        print(format_summary(summary) + (f"\nshortcut: {kind}" if kind else ""))
     return 0
+
+
+def shortcut_kind(model: object) -> str:
+    """The shortcut option, and for option A where its zero channels go (``"A (after)"``)."""
+    config = getattr(model, "config", None)
+    if not isinstance(config, ResNetConfig):
+        return ""
+    if config.shortcut == "A":
+        return f"A ({config.shortcut_pad})"
+    return config.shortcut
 
 
 def _fmt(v: float | None) -> str:
@@ -69,8 +91,9 @@ def _fmt(v: float | None) -> str:
 def model_table(pattern: str | None = None) -> str:
     """Markdown table of every registered model next to the paper's figures."""
     lines = [
-        "| model | depth | input | params (M) | paper | mult-adds (G) | paper | source |",
-        "|---|---:|---|---:|---:|---:|---:|---|",
+        "| model | depth | input | shortcut | params (M) | paper | mult-adds (G) | paper "
+        "| source |",
+        "|---|---:|---|---|---:|---:|---:|---:|---|",
     ]
     for name in list_models(pattern):
         model = create_model(name)
@@ -80,6 +103,7 @@ def model_table(pattern: str | None = None) -> str:
         p_params, p_macs, source = PAPER.get(name, (None, None, ""))
         lines.append(
             f"| `{name}` | {depth} | {'x'.join(map(str, size))} "
+            f"| {shortcut_kind(model) or '-'} "
             f"| {s.params / 1e6:.2f} | {_fmt(p_params)} | {s.macs / 1e9:.2f} | {_fmt(p_macs)} "
             f"| {source} |"
         )

@@ -1,4 +1,5 @@
-"""``reslab train`` and ``reslab eval``: parse, build configs, call :func:`reslab.train.fit`."""
+"""``reslab train`` and ``reslab eval``: parse, build configs, call :func:`reslab.train.fit`,
+:func:`reslab.train.evaluate` or :func:`reslab.train.ensemble.evaluate_ensemble`."""
 
 from __future__ import annotations
 
@@ -22,14 +23,16 @@ from reslab.commands.options import (
     resume_config,
     train_config,
 )
-from reslab.data import DataSplits, load_data
+from reslab.data import DataSplits, Split, load_data
 from reslab.models import DenseConfig, build_model, get_config
-from reslab.train import TrainConfig, TrainingInterrupted, evaluate, fit
-from reslab.train.checkpoint import find_checkpoint, load_checkpoint, load_model
+from reslab.train import TrainConfig, TrainingInterrupted, evaluate, fit, resolve_device
+from reslab.train.checkpoint import BEST, LATEST, find_checkpoint, load_checkpoint, load_model
 from reslab.train.config import DEVICES
+from reslab.train.ensemble import evaluate_ensemble, expand_runs
 from reslab.train.outputs import read_run_config
 
 DEFAULT_MODEL = "cifar_resnet20"
+CHECKPOINTS = {"best": BEST, "latest": LATEST}  # reslab eval --checkpoint
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -55,10 +58,35 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_trainer_options(p, command="train")
     p.set_defaults(func=run_train)
 
-    p = sub.add_parser("eval", help="test accuracy, per-class accuracy, confusion matrix")
-    p.add_argument("checkpoint", type=Path, metavar="RUN_DIR_OR_CHECKPOINT")
+    p = sub.add_parser(
+        "eval",
+        help="test accuracy, per-class accuracy, confusion matrix; of one run, several, or "
+        "their ensemble",
+        description="Evaluate runs one by one, or with --ensemble as one ensemble.",
+    )
+    p.add_argument(
+        "runs",
+        type=Path,
+        nargs="+",
+        metavar="RUN",
+        help="a run folder or checkpoint file; a packed run's folder (or its packed.json) "
+        "stands for its member runs, in order",
+    )
+    p.add_argument(
+        "--ensemble",
+        action="store_true",
+        help="average the runs' softmax and report accuracy against the number of members "
+        "(1..K, in the order given) and each member's own; all must share data and classes",
+    )
     p.add_argument("--data", default=None, help="default: the data the run was trained on")
     p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument(
+        "--checkpoint",
+        choices=tuple(CHECKPOINTS),
+        default="best",
+        help="of a run folder: best (lowest validation error, default) or latest (the final "
+        "model of a finished run, which its summary.json's test_accuracy scores)",
+    )
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument(
         "--flip",
@@ -66,7 +94,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="average over each image and its mirror (default: as the run evaluated, eval_flip)",
     )
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object per run (one line each), or one for the ensemble",
+    )
     p.set_defaults(func=run_eval)
 
 
@@ -162,12 +194,14 @@ def _fit(
 
 def format_report(report: dict[str, Any], classes: list[str]) -> str:
     tta = " with flip test-time augmentation" if report.get("flip") else ""
-    lines = [
-        f"{report['split']} accuracy{tta}: {100 * report['accuracy']:.2f}% (n={report['n']})",
-        "",
-    ]
-    width = max(len(c) for c in classes)
-    lines.append(f"{'class':<{width}}  accuracy")
+    head = f"{report['split']} accuracy{tta}: {100 * report['accuracy']:.2f}% (n={report['n']})"
+    return "\n".join([head, "", *_class_lines(report, classes)])
+
+
+def _class_lines(report: dict[str, Any], classes: list[str]) -> list[str]:
+    """Per-class accuracy and the confusion matrix of ``report``, as text lines."""
+    width = max(len("class"), *(len(c) for c in classes))
+    lines = [f"{'class':<{width}}  accuracy"]
     for c, a in zip(classes, report["per_class_accuracy"], strict=True):
         lines.append(f"{c:<{width}}  {100 * a:7.2f}%")
     lines += ["", "confusion matrix (rows: true class, columns: predicted)"]
@@ -175,33 +209,153 @@ def format_report(report: dict[str, Any], classes: list[str]) -> str:
     lines.append(" " * width + "".join(f"{c[: cell - 1]:>{cell}}" for c in classes))
     for c, row in zip(classes, report["confusion"], strict=True):
         lines.append(f"{c:<{width}}" + "".join(f"{v:>{cell}}" for v in row))
+    return lines
+
+
+def format_ensemble_report(report: dict[str, Any]) -> str:
+    """The text of ``reslab eval --ensemble``: accuracy against the number of members, each
+    member alone, then the full ensemble's per-class accuracy and confusion matrix."""
+    k, members = report["members"], report["member_runs"]
+    std = report["member_accuracy_std"]
+    spread = f" ± {100 * std:.2f}%" if std is not None else ""
+    lines = [
+        f"{report['split']} split of {report['data']} (n={report['n']}): ensemble of {k} "
+        "members, the mean of their softmax",
+        "",
+        "members  accuracy",
+        *(f"{j:>7}  {100 * a:7.2f}%" for j, a in enumerate(report["accuracy_vs_members"], 1)),
+        "",
+        f"one member alone: {100 * report['member_accuracy_mean']:.2f}%{spread} (mean"
+        f"{' ± sample std' if std is not None else ''} of {k})",
+        "",
+        "member  accuracy  flip  checkpoint",
+        *(
+            f"{j:>6}  {100 * m['accuracy']:7.2f}%  {'yes' if m['flip'] else 'no':<4}  "
+            f"{m['checkpoint']}"
+            for j, m in enumerate(members, 1)
+        ),
+        "",
+        f"the ensemble of all {k}: {100 * report['accuracy']:.2f}%",
+        "",
+        *_class_lines(report, report["classes"]),
+    ]
     return "\n".join(lines)
 
 
-def run_eval(args: argparse.Namespace) -> int:
-    path = find_checkpoint(args.checkpoint)
+@dataclasses.dataclass
+class _EvalRun:
+    """One run to evaluate: its checkpoint, the data it is scored on, its model."""
+
+    checkpoint: Path
+    step: int
+    data: str
+    val_size: int | None
+    classes: list[str]
+    flip: bool
+    model: nn.Module
+
+
+def _load_run(run: Path, args: argparse.Namespace) -> _EvalRun:
+    """The run at ``run`` (folder or checkpoint file), scored on ``--data`` (default: what it
+    trained on) with ``--flip`` (default: as the run evaluated, its eval_flip)."""
+    path = find_checkpoint(run, prefer=CHECKPOINTS[args.checkpoint])
+    data, flip = args.data, args.flip
     ckpt = load_checkpoint(path)
     saved = read_run_config(path.parent) if (path.parent / "config.json").exists() else {}
-    spec = args.data or saved.get("data_spec")
+    spec = data or saved.get("data_spec")
     if spec is None:
-        raise ValueError("--data is needed (no config.json next to the checkpoint)")
-    # the run's own train/val split: with another val_size, "val" would hold training images
-    splits = load_data(spec, classes=ckpt["classes"], val_size=saved.get("val_size"))
-    model = load_model(path)
-    device = "cuda" if args.device == "cuda" or (
-        args.device == "auto" and torch.cuda.is_available()
-    ) else "cpu"  # fmt: skip
-    model.to(device)
-    flip = args.flip
+        raise ValueError(f"--data is needed (no config.json next to the checkpoint {path})")
     if flip is None:
         flip = bool(ckpt.get("train_config", {}).get("eval_flip", False))
-    split = getattr(splits, args.split)
-    if not len(split):  # an accuracy of no images is not a number to print
-        why = " (the run held none out: --val-size 0)" if saved.get("val_size") == 0 else ""
-        hint = "; evaluate --split test" if args.split == "val" else ""
-        raise ValueError(f"no {args.split} images to evaluate in {spec}{why}{hint}")
-    report = evaluate(model, split, device=device, flip=flip, progress=None, desc=args.split)
-    report = {"checkpoint": str(path), "data": spec, "split": args.split, "step": ckpt["step"],
-              "flip": flip, "classes": splits.classes, **report}  # fmt: skip
-    print(json.dumps(report) if args.json else format_report(report, splits.classes))
+    return _EvalRun(
+        path, ckpt["step"], spec, saved.get("val_size"), list(ckpt["classes"]), flip,
+        load_model(path),
+    )  # fmt: skip
+
+
+def _check_same_images(runs: list[_EvalRun], split: str) -> None:
+    """An ensemble's members must be scored on the same images with the same labels: one data
+    set, the same classes in the same order and, for the val split, the same held-out images."""
+    first = runs[0]
+    for r in runs[1:]:
+        if r.classes != first.classes:
+            at = _first_difference(first.classes, r.classes)
+            a, b = (c[at] if at < len(c) else "(none)" for c in (first.classes, r.classes))
+            raise ValueError(
+                f"ensemble members must share one class list in one order: class {at} is {b!r} "
+                f"in {r.checkpoint} ({len(r.classes)} classes) but {a!r} in {first.checkpoint} "
+                f"({len(first.classes)} classes)"
+            )
+        if r.data != first.data:
+            raise ValueError(
+                f"ensemble members were trained on different data ({first.checkpoint}: "
+                f"{first.data}; {r.checkpoint}: {r.data}): pass --data to score all on one"
+            )
+        if split == "val" and r.val_size != first.val_size:
+            raise ValueError(
+                f"ensemble members held out different validation splits (val_size "
+                f"{first.val_size} in {first.checkpoint}, {r.val_size} in {r.checkpoint}): "
+                "their val images differ; use --split test"
+            )
+
+
+def _first_difference(a: list[str], b: list[str]) -> int:
+    """The first index where ``a`` and ``b`` differ (the shorter length where one extends the
+    other)."""
+    return next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    paths = expand_runs(args.runs)
+    loaded: dict[tuple[str, tuple[str, ...], int | None], DataSplits] = {}
+
+    def split_of(r: _EvalRun) -> Split:
+        # the run's own train/val split: with another val_size, "val" would hold training images
+        key = (r.data, tuple(r.classes), r.val_size)
+        if key not in loaded:
+            loaded[key] = load_data(r.data, classes=r.classes, val_size=r.val_size)
+        split = getattr(loaded[key], args.split)
+        if not len(split):  # an accuracy of no images is not a number to print
+            why = " (the run held none out: --val-size 0)" if r.val_size == 0 else ""
+            hint = "; evaluate --split test" if args.split == "val" else ""
+            raise ValueError(f"no {args.split} images to evaluate in {r.data}{why}{hint}")
+        return split
+
+    if args.ensemble:
+        runs = [_load_run(path, args) for path in paths]
+        _check_same_images(runs, args.split)  # before any data is read
+        print(_eval_ensemble(runs, split_of(runs[0]), args, device))
+        return 0
+    for i, path in enumerate(paths):  # one run in memory at a time, each report when ready
+        r = _load_run(path, args)
+        report = evaluate(
+            r.model.to(device), split_of(r), device=device, flip=r.flip, progress=None,
+            desc=args.split,
+        )  # fmt: skip
+        report = {"checkpoint": str(r.checkpoint), "data": r.data, "split": args.split,
+                  "step": r.step, "flip": r.flip, "classes": r.classes, **report}  # fmt: skip
+        if args.json:
+            print(json.dumps(report), flush=True)
+        else:  # several reports: each under its checkpoint, a blank line between them
+            head = "" if len(paths) == 1 else f"{'' if i == 0 else chr(10)}{r.checkpoint}\n"
+            print(head + format_report(report, r.classes), flush=True)
     return 0
+
+
+def _eval_ensemble(
+    runs: list[_EvalRun], split: Split, args: argparse.Namespace, device: torch.device
+) -> str:
+    report = evaluate_ensemble(
+        [r.model.to(device) for r in runs], split, device=device, flip=[r.flip for r in runs],
+        progress=None, desc=f"{args.split} ({len(runs)} members)",
+    )  # fmt: skip
+    member_runs = [
+        {"checkpoint": str(r.checkpoint), "step": r.step, "flip": r.flip, "accuracy": a}
+        for r, a in zip(runs, report["member_accuracy"], strict=True)
+    ]
+    report = {"ensemble": True, "data": runs[0].data, "split": args.split,
+              "classes": runs[0].classes, "member_runs": member_runs, **report}  # fmt: skip
+    return json.dumps(report) if args.json else format_ensemble_report(report)

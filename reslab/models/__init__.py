@@ -20,6 +20,7 @@ from reslab.models.layers import (
     make_shortcut,
 )
 from reslab.models.ordered import OrderedBasicBlock, OrderedBlock, OrderedBottleneck
+from reslab.models.packed import PackedNet, build_packed, pack, unpack
 from reslab.models.resnet import BLOCKS, ResNet, default_cfg, make_block
 from reslab.models.zoo import (
     MODELS,
@@ -47,6 +48,7 @@ __all__ = [
     "OrderedBasicBlock",
     "OrderedBlock",
     "OrderedBottleneck",
+    "PackedNet",
     "PadShortcut",
     "PreActBasicBlock",
     "PreActBottleneck",
@@ -55,6 +57,7 @@ __all__ = [
     "ResNetConfig",
     "ResidualBlock",
     "build_model",
+    "build_packed",
     "cifar_config",
     "create_model",
     "default_cfg",
@@ -62,5 +65,7 @@ __all__ = [
     "list_models",
     "make_block",
     "make_shortcut",
+    "pack",
     "seed_example",
+    "unpack",
 ]

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from reslab.models.layers import NORMS, ORDERINGS, SHORTCUTS, STEMS, check_choice
+from reslab.models.layers import NORMS, ORDERINGS, SHORTCUT_PADS, SHORTCUTS, STEMS, check_choice
 
 __all__ = ["ResNetConfig"]
 
@@ -25,6 +25,7 @@ class ResNetConfig:
     stem_width: int = 64  # output channels of the stem convolution
     ordering: str = "original"  # key of ORDERINGS (He et al. 2016, Fig. 4)
     shortcut: str = "B"  # key of SHORTCUTS: "A", "B", "C" or "none" (plain net)
+    shortcut_pad: str = "after"  # option A's zero channels: key of SHORTCUT_PADS, after or split
     stride_in: str = "1x1"  # bottleneck stride on the first 1x1 (paper) or the 3x3 ("v1.5")
     norm: str = "batch"  # key of NORMS: "batch" (BatchNorm, He et al. 2015 §3.4) or "none"
     num_classes: int = 1000  # 0: no classifier, the model returns its pooled features
@@ -36,6 +37,7 @@ class ResNetConfig:
         check_choice("stem", self.stem, STEMS)
         check_choice("ordering", self.ordering, ORDERINGS)
         check_choice("shortcut", self.shortcut, SHORTCUTS)
+        check_choice("shortcut_pad", self.shortcut_pad, SHORTCUT_PADS)
         check_choice("stride_in", self.stride_in, ("1x1", "3x3"))
         check_choice("norm", self.norm, NORMS)
         if len(self.layers) != len(self.widths) or not self.layers:

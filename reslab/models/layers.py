@@ -18,6 +18,7 @@ __all__ = [
     "NORMS",
     "ORDERINGS",
     "SHORTCUTS",
+    "SHORTCUT_PADS",
     "STEMS",
     "NormLayer",
     "Ordering",
@@ -58,28 +59,55 @@ def no_norm(num_features: int) -> nn.Module:
 NORMS: dict[str, NormLayer] = {"batch": nn.BatchNorm2d, "none": no_norm}
 
 
+#: Where option A puts the zero channels it adds. Both are in use, and weights trained with one
+#: compute another function under the other (the shortcut's channel c lands on another branch
+#: channel), so the placement is part of the architecture (``ResNetConfig.shortcut_pad``).
+SHORTCUT_PADS: dict[str, str] = {
+    "after": "zero channels appended after the identity's (fb.resnet.torch, reslab's default)",
+    "split": "half of the zero channels before the identity's, half after (the common PyTorch "
+    "CIFAR ResNets' LambdaLayer)",
+}
+
+
 class PadShortcut(nn.Module):
-    """Option A: subsample by ``stride`` and append zero channels; no parameters.
+    """Option A: subsample by ``stride`` and add zero channels; no parameters.
 
     He et al. 2015 §3.3: "the shortcut still performs identity mapping, with extra zero entries
-    padded for increasing dimensions ... performed with a stride of 2".
+    padded for increasing dimensions ... performed with a stride of 2". The paper does not say
+    where the zeros go, and two conventions exist (:data:`SHORTCUT_PADS`):
+
+    - ``"after"``: the identity keeps channels ``0..in-1`` and zeros follow, as in Facebook's
+      fb.resnet.torch (``nn.Padding`` after the input's channels, then concatenation);
+    - ``"split"``: ``(out - in) // 2`` zero channels before and the rest after, as the widely
+      used PyTorch CIFAR ResNet-20/32/44/56/110/1202 checkpoints do with
+      ``F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, planes // 4, planes // 4))`` (out = 2 in there).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: int, *, placement: str = "after"
+    ) -> None:
         super().__init__()
         if out_channels < in_channels:
             raise ValueError(
                 f"option A can only widen: in_channels={in_channels} > out_channels={out_channels}"
             )
+        check_choice("shortcut_pad", placement, SHORTCUT_PADS)
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+        self.placement = placement
+        extra = out_channels - in_channels
+        self.pad_before = extra // 2 if placement == "split" else 0
+        self.pad_after = extra - self.pad_before
 
     def forward(self, x: Tensor) -> Tensor:
         if self.stride > 1:
             x = x[:, :, :: self.stride, :: self.stride]
-        return F.pad(x, (0, 0, 0, 0, 0, self.out_channels - self.in_channels))
+        return F.pad(x, (0, 0, 0, 0, self.pad_before, self.pad_after))
 
     def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
+        return (
+            f"{self.in_channels}, {self.out_channels}, stride={self.stride}, "
+            f"placement={self.placement!r}"
+        )
 
 
 class ProjectionShortcut(nn.Sequential):
@@ -102,15 +130,15 @@ class ProjectionShortcut(nn.Sequential):
 
 
 def _option_a(
-    in_channels: int, out_channels: int, stride: int, norm_layer: NormLayer | None
+    in_channels: int, out_channels: int, stride: int, norm_layer: NormLayer | None, pad: str
 ) -> nn.Module:
     if stride == 1 and in_channels == out_channels:
         return nn.Identity()
-    return PadShortcut(in_channels, out_channels, stride)
+    return PadShortcut(in_channels, out_channels, stride, placement=pad)
 
 
 def _option_b(
-    in_channels: int, out_channels: int, stride: int, norm_layer: NormLayer | None
+    in_channels: int, out_channels: int, stride: int, norm_layer: NormLayer | None, pad: str
 ) -> nn.Module:
     if stride == 1 and in_channels == out_channels:
         return nn.Identity()
@@ -118,13 +146,13 @@ def _option_b(
 
 
 def _option_c(
-    in_channels: int, out_channels: int, stride: int, norm_layer: NormLayer | None
+    in_channels: int, out_channels: int, stride: int, norm_layer: NormLayer | None, pad: str
 ) -> nn.Module:
     return ProjectionShortcut(in_channels, out_channels, stride, norm_layer)
 
 
 def _no_shortcut(
-    in_channels: int, out_channels: int, stride: int, norm_layer: NormLayer | None
+    in_channels: int, out_channels: int, stride: int, norm_layer: NormLayer | None, pad: str
 ) -> None:
     return None
 
@@ -132,10 +160,11 @@ def _no_shortcut(
 @dataclass(frozen=True)
 class ShortcutOption:
     """One way to build a unit's skip path ``h``: ``build(in_channels, out_channels, stride,
-    norm_layer)`` returns the module, or None for no skip path (the plain twin)."""
+    norm_layer, pad)`` returns the module, or None for no skip path (the plain twin); ``pad`` is
+    option A's zero-channel placement (a key of :data:`SHORTCUT_PADS`), unused by the others."""
 
     description: str
-    build: Callable[[int, int, int, NormLayer | None], nn.Module | None]
+    build: Callable[[int, int, int, NormLayer | None, str], nn.Module | None]
 
 
 #: Shortcut options of He et al. 2015 §4.1, plus ``"none"`` for the plain (no-shortcut) twin.
@@ -153,13 +182,20 @@ SHORTCUTS: dict[str, ShortcutOption] = {
 
 
 def make_shortcut(
-    option: str, in_channels: int, out_channels: int, stride: int, *, norm_layer: NormLayer | None
+    option: str,
+    in_channels: int,
+    out_channels: int,
+    stride: int,
+    *,
+    norm_layer: NormLayer | None,
+    pad: str = "after",
 ) -> nn.Module | None:
     """The skip path ``h`` of one unit under shortcut ``option`` (a key of :data:`SHORTCUTS`);
     None for ``"none"``. ``norm_layer`` follows a projection (None: a bare 1x1 conv, as in
     pre-activation nets, whose projection reads an already normalised input)."""
     check_choice("shortcut", option, SHORTCUTS)
-    return SHORTCUTS[option].build(in_channels, out_channels, stride, norm_layer)
+    check_choice("shortcut_pad", pad, SHORTCUT_PADS)
+    return SHORTCUTS[option].build(in_channels, out_channels, stride, norm_layer, pad)
 
 
 # --------------------------------------------------------------------------------------------

@@ -69,6 +69,7 @@ def make_block(
         width * block.expansion,
         stride,
         norm_layer=None if preact else norm_layer,
+        pad=config.shortcut_pad,
     )
     kwargs: dict[str, Any] = {"shortcut": shortcut, "norm_layer": norm_layer}
     if config.block == "bottleneck":

@@ -8,6 +8,8 @@ refuses such a config from its numbers alone, with the parameter count it would 
 
 from __future__ import annotations
 
+import itertools
+
 from reslab.models.config import ResNetConfig
 from reslab.models.dense import DenseConfig
 from reslab.models.layers import STEMS
@@ -28,7 +30,7 @@ def weight_count(config: ResNetConfig | DenseConfig) -> int:
     the real count for every network of the zoo. Python integers: never overflows."""
     if isinstance(config, DenseConfig):
         widths = config.widths
-        layers = sum(a * b for a, b in zip(widths, widths[1:], strict=False))
+        layers = sum(a * b for a, b in itertools.pairwise(widths))
         return layers + widths[-1] * config.num_classes
     stem = STEMS[config.stem]
     total = config.in_channels * config.stem_width * stem.kernel_size**2
@@ -65,6 +67,6 @@ def check_buildable(config: ResNetConfig | DenseConfig, *, source: str = "the co
     if count > MAX_PARAMETERS:
         raise ValueError(
             f"{source} asks for a network of at least {count:,} parameters "
-            f"({count * 4 / 2**30:,.1f} GiB as float32), over the {MAX_PARAMETERS:,} reslab builds: "
-            "refusing to build it (a damaged or untrusted file?)"
+            f"({count * 4 / 2**30:,.1f} GiB as float32), over the {MAX_PARAMETERS:,} reslab "
+            "builds: refusing to build it (a damaged or untrusted file?)"
         )

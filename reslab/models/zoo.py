@@ -14,7 +14,9 @@ from reslab.models.config import ResNetConfig
 from reslab.models.dense import DenseConfig, DenseResNet
 from reslab.models.features import FeatureListNet
 from reslab.models.layers import check_choice
+from reslab.models.pretrained import architecture_overrides, load_pretrained
 from reslab.models.resnet import ResNet
+from reslab.models.weights import read_weights
 
 __all__ = [
     "MODELS",
@@ -149,11 +151,12 @@ def create_model(
     as timm does; convolutional models only.
 
     ``pretrained=PATH`` (and optionally ``pretrained_sha256=HEX``) then initialises it from a
-    weight file with :func:`reslab.transfer.load_pretrained`, adapting the first layer to
+    weight file with :func:`reslab.models.pretrained.load_pretrained`, adapting the first layer to
     ``in_channels`` and the classifier to ``num_classes``. torchvision and timm bottlenecks stride
     their 3x3 convolution ("ResNet v1.5"), so from their files a bottleneck model is built with
-    ``stride_in="3x3"`` unless ``stride_in`` is given; what the load report notes beyond that is
-    raised as a warning.
+    ``stride_in="3x3"`` unless ``stride_in`` is given; the PyTorch CIFAR ResNet files
+    (``linear`` head, option A) get ``shortcut_pad="split"`` unless ``shortcut_pad`` is given.
+    What the load report notes beyond that is raised as a warning.
     """
     if out_indices is not None and not features_only:
         raise ValueError("out_indices selects feature levels: it needs features_only=True")
@@ -182,12 +185,10 @@ def create_model(
     if pretrained is None:
         return build_model(get_config(name, **overrides))
 
-    from reslab.transfer import load_pretrained, read_weights  # lazy: they import the zoo
-
     weights = read_weights(pretrained, sha256=sha256)
-    bottleneck = getattr(get_config(name), "block", None) == "bottleneck"
-    if weights.format != "reslab" and bottleneck and "stride_in" not in overrides:
-        overrides["stride_in"] = "3x3"  # else the same weights compute another function
+    # else the same weights compute another function (ResNet v1.5 strides, option-A placement)
+    for key, value in architecture_overrides(weights, get_config(name)).items():
+        overrides.setdefault(key, value)
     model = build_model(get_config(name, **overrides))
     report = load_pretrained(model, weights)
     for note in report.notes:

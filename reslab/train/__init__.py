@@ -2,8 +2,10 @@
 
 from reslab.train.batches import InMemoryBatches, TrainingBatches
 from reslab.train.config import PRESETS, TrainConfig
+from reslab.train.ensemble import evaluate_ensemble
 from reslab.train.evaluation import evaluate
 from reslab.train.loop import FitResult, TrainingInterrupted, fit
+from reslab.train.packed import MemberBatches, MemberState, PackedSGD, packed_train_step
 from reslab.train.schedule import learning_rate, train_resolution
 from reslab.train.setup import resolve_device
 from reslab.train.state import RunState
@@ -13,14 +15,19 @@ __all__ = [
     "PRESETS",
     "FitResult",
     "InMemoryBatches",
+    "MemberBatches",
+    "MemberState",
     "NonFiniteLossError",
+    "PackedSGD",
     "RunState",
     "TrainConfig",
     "TrainingBatches",
     "TrainingInterrupted",
     "evaluate",
+    "evaluate_ensemble",
     "fit",
     "learning_rate",
+    "packed_train_step",
     "resolve_device",
     "train_resolution",
     "train_step",

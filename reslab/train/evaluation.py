@@ -44,49 +44,74 @@ def evaluate(
     ``progress``: a bar over the batches, labelled ``desc`` (None: on a terminal).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    norm = (
-        normalize or getattr(model, "input_norm", None) or Normalize.identity(split.images.shape[1])
-    )
+    norm = resolve_norm(model, split, normalize)
     was_training = model.training
     model.eval()
     preds, singles = [], []
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
     starts = range(0, len(split), batch_size)
     for i in progress_bar(starts, desc=desc, unit="batch", leave=False, enabled=progress):
         raw = split.images[i : i + batch_size].to(device, non_blocking=True)
-        with autocast(device, precision):
-            probs = model(norm(raw).contiguous(memory_format=fmt)).float().softmax(1)
-            if flip:
-                singles.append(probs.argmax(1).cpu())
-                # mirror the image, then normalise, as training's flip does: a per-pixel mean
-                # is not mirror-symmetric, so mirroring the normalised batch would not match
-                mirror = norm(raw.flip(3)).contiguous(memory_format=fmt)
-                probs = probs + model(mirror).float().softmax(1)
-        preds.append(probs.argmax(1).cpu())
+        views = view_probabilities(
+            model, raw, norm, flip=flip, precision=precision, channels_last=channels_last
+        )
+        if flip:
+            singles.append(views[0].argmax(1).cpu())
+        preds.append(sum(views[1:], views[0]).argmax(1).cpu())
     model.train(was_training)
-    y = split.labels
-    k = model_config(model).num_classes
-    pred = _cat(preds)
+    report = confusion_report(_cat(preds), split.labels, model_config(model).num_classes)
+    if flip:
+        report["single_view_accuracy"] = accuracy(_cat(singles), split.labels)
+    return report
+
+
+def resolve_norm(model: nn.Module, split: Split, normalize: Normalize | None = None) -> Normalize:
+    """``normalize``, else the ``input_norm`` that :func:`fit` attached to ``model``, else only
+    the /255 scaling."""
+    return (
+        normalize or getattr(model, "input_norm", None) or Normalize.identity(split.images.shape[1])
+    )
+
+
+def view_probabilities(
+    model: nn.Module,
+    raw: Tensor,
+    norm: Normalize,
+    *,
+    flip: bool = False,
+    precision: str = "fp32",
+    channels_last: bool = False,
+) -> list[Tensor]:
+    """The softmax (float32, (B, classes)) of a uint8 batch on ``model``'s device; with ``flip``
+    also that of its horizontal mirror, as a second entry. ``model`` must be in eval mode."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    views = [raw, raw.flip(3)] if flip else [raw]
+    with autocast(raw.device, precision):
+        # mirror the image, then normalise, as training's flip does: a per-pixel mean is not
+        # mirror-symmetric, so mirroring the normalised batch would not match
+        return [model(norm(v).contiguous(memory_format=fmt)).float().softmax(1) for v in views]
+
+
+def confusion_report(pred: Tensor, y: Tensor, num_classes: int) -> dict[str, Any]:
+    """Accuracy, error, n, per-class accuracy and the confusion matrix (rows: true class) of the
+    predicted classes ``pred`` against the labels ``y``."""
+    k = num_classes
     confusion = torch.bincount(y * k + pred, minlength=k * k).view(k, k)
     per_class = confusion.diag().double() / confusion.sum(1).clamp_min(1)
-    acc = _accuracy(pred, y)
-    report = {
+    acc = accuracy(pred, y)
+    return {
         "accuracy": acc,
         "error": 1.0 - acc,
         "n": len(y),
         "per_class_accuracy": per_class.tolist(),
         "confusion": confusion.tolist(),
     }
-    if flip:
-        report["single_view_accuracy"] = _accuracy(_cat(singles), y)
-    return report
 
 
 def _cat(preds: list[Tensor]) -> Tensor:
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64)
 
 
-def _accuracy(pred: Tensor, y: Tensor) -> float:
+def accuracy(pred: Tensor, y: Tensor) -> float:
     return float((pred == y).double().mean()) if len(y) else float("nan")
 
 

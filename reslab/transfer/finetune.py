@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from reslab.models import DenseConfig, ResNetConfig, build_model, get_config
+from reslab.models.pretrained import LoadReport, architecture_overrides, load_pretrained
+from reslab.models.weights import cifar_resnet_name, read_weights
 from reslab.transfer.freeze import (
     NONE,
     check_freeze_point,
@@ -23,8 +25,6 @@ from reslab.transfer.freeze import (
     param_groups,
     unfreeze_schedule,
 )
-from reslab.transfer.load import LoadReport, load_pretrained
-from reslab.transfer.weights import read_weights
 
 __all__ = ["FinetuneOptions", "finetune", "pretrained_model", "resume_finetune"]
 
@@ -62,22 +62,23 @@ def pretrained_model(
 ) -> tuple[nn.Module, LoadReport]:
     """A network with ``num_classes`` outputs and ``in_channels`` inputs initialised from ``path``.
 
-    A reslab checkpoint carries its architecture; torchvision/timm files need ``model`` (a
-    registered name such as ``"resnet50"`` or ``"preact_resnet50"``). Their bottlenecks stride
-    the 3x3 convolution, so bottleneck models are then built with ``stride_in="3x3"``.
+    A reslab checkpoint carries its architecture, a PyTorch CIFAR ResNet file its depth
+    (``cifar_resnet{6n+2}``); torchvision/timm files need ``model`` (a registered name such as
+    ``"resnet50"`` or ``"preact_resnet50"``). Where names and shapes cannot tell the function,
+    :func:`reslab.models.pretrained.architecture_overrides` decides (their bottlenecks stride the
+    3x3, the CIFAR files split option A's zero channels).
     Dense networks take flattened images: ``image_size`` (side, or (H, W)) then checks that the
     file's input layer fits ``in_channels`` x H x W features (a dense first layer is not adapted).
     """
     weights = read_weights(path, sha256=sha256)
-    new = {"num_classes": num_classes, "in_channels": in_channels}
+    new: dict[str, Any] = {"num_classes": num_classes, "in_channels": in_channels}
+    model = model or cifar_resnet_name(weights)  # that family's files name their depth
     if model is not None:
         config = get_config(model)
         if isinstance(config, DenseConfig):
             config = _dense_config(config, path, in_channels, image_size, num_classes, False)
         else:
-            if weights.format != "reslab" and getattr(config, "block", None) == "bottleneck":
-                new["stride_in"] = "3x3"
-            config = get_config(model, **new)
+            config = get_config(model, **new, **architecture_overrides(weights, config))
     elif weights.format == "reslab":
         if weights.meta.get("model_kind", "resnet") == "dense":
             config = DenseConfig.from_dict(weights.meta["model_config"])
