@@ -310,6 +310,17 @@ def test_a_damaged_config_json_is_named(tmp_path: Path, capsys) -> None:
     assert f"config.json in {run} has an invalid train_config" in err and "learning_rate" in err
 
 
+def test_resume_of_a_run_started_from_python_asks_for_its_data(
+    digits, tmp_path: Path, capsys
+) -> None:
+    """config.json of a `fit` call without run_info has no data_spec: was a KeyError traceback."""
+    fit(_model(), digits, _cfg(iters=2, eval_every=2), tmp_path)
+    assert main(["train", "--resume", str(tmp_path), "--iters", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not say which data the run trained on" in err
+    assert main(["train", "--resume", str(tmp_path), "--iters", "4", "--data", "digits"]) == 0
+
+
 # -- signals at the end and at the start -----------------------------------------------------------
 
 

@@ -8,13 +8,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pickle
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from image_files import encode, rgb
+from image_files import encode, png_bomb, rgb
 from PIL import Image
 
 from reslab import create_model
@@ -34,7 +33,8 @@ def run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "run"
     torch.manual_seed(0)
     model = create_model("cifar_resnet20", in_channels=1, num_classes=10)
-    fit(model, load_data("digits"), TrainConfig.preset("digits", iters=2, eval_every=2), out)
+    cfg = TrainConfig.preset("digits", iters=2, eval_every=2)
+    fit(model, load_data("digits"), cfg, out, run_info={"data_spec": "digits", "val_size": None})
     return out
 
 
@@ -70,8 +70,7 @@ def _bad_files(run: Path, folder: Path) -> dict[str, tuple[Path, str]]:
     blob = (folder / "whole.pt").read_bytes()
     (folder / "truncated.pt").write_bytes(blob[: len(blob) // 2])
     files["truncated.pt"] = (folder / "truncated.pt", "corrupt or unreadable")
-    (folder / "unsafe.pt").write_bytes(pickle.dumps(_Payload()))
-    files["unsafe.pt"] = (folder / "unsafe.pt", "refusing to load")
+    save("unsafe.pt", {**ckpt, "hook": _Payload()}, "refusing to load")
     os.mkfifo(folder / "pipe.pt")
     files["pipe.pt"] = (folder / "pipe.pt", "not a regular file")
     (folder / "empty-dir").mkdir()
@@ -132,6 +131,18 @@ def test_predict_and_export_refuse_them_too(bad, kind: str, tmp_path: Path, caps
     assert main(["export", str(path), "--out", str(tmp_path / "m.onnx")]) == 2
     _one_line_naming(capsys, path, says)
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_predict_bounds_each_image_before_decoding(run: Path, tmp_path: Path, capsys) -> None:
+    """predict decoded any image whole: a 9000x9000 PNG of a few hundred KB became 243 MB, and a
+    named pipe given as an image blocked."""
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_bomb(9000))
+    assert main(["predict", str(run), str(bomb)]) == 2
+    _one_line_naming(capsys, bomb, "declared size 9000x9000 = 81.0 MP is over the limit")
+    os.mkfifo(tmp_path / "pipe.png")
+    assert main(["predict", str(run), str(tmp_path / "pipe.png")]) == 2
+    _one_line_naming(capsys, tmp_path / "pipe.png", "not a regular file")
 
 
 @pytest.mark.parametrize("kind", ["wrong-shape.pt", "unknown-key.pt", "deep.pt", "newer.pt"])

@@ -14,6 +14,7 @@ from reslab.commands.options import (
     add_trainer_options,
     claim_run_folder,
     class_names,
+    data_spec,
     fraction,
     nonnegative_float,
     nonnegative_int,
@@ -218,7 +219,7 @@ def _resume(args: argparse.Namespace) -> int:
             f"{run_dir} is not a fine-tuning run: continue it with `reslab train --resume "
             f"{run_dir}`"
         )
-    spec = args.data or saved["data_spec"]
+    spec = args.data or data_spec(saved, run_dir)
     # the run's own split: its seed (not a new --seed), classes, train fraction and val size
     splits = load_data(
         spec,

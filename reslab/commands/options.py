@@ -37,6 +37,7 @@ __all__ = [
     "check_train_resume",
     "claim_run_folder",
     "class_names",
+    "data_spec",
     "fraction",
     "nonnegative_float",
     "nonnegative_int",
@@ -270,6 +271,16 @@ def resume_config(args: argparse.Namespace, run_dir: Path) -> tuple[dict[str, An
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     return saved, cfg
+
+
+def data_spec(saved: dict[str, Any], run_dir: Path) -> str:
+    """The data a run trained on, as its config.json records it (``--data`` of the command)."""
+    spec = saved.get("data_spec")
+    if not isinstance(spec, str):  # a run started from Python, without run_info
+        raise ValueError(
+            f"config.json in {run_dir} does not say which data the run trained on: pass --data"
+        )
+    return spec
 
 
 def check_train_resume(run_dir: Path, saved: dict[str, Any]) -> None:

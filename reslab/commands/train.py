@@ -19,6 +19,7 @@ from reslab.commands.options import (
     add_trainer_options,
     check_train_resume,
     claim_run_folder,
+    data_spec,
     nonnegative_int,
     resume_config,
     train_config,
@@ -26,7 +27,13 @@ from reslab.commands.options import (
 from reslab.data import DataSplits, Split, load_data
 from reslab.models import DenseConfig, build_model, get_config
 from reslab.train import TrainConfig, TrainingInterrupted, evaluate, fit, resolve_device
-from reslab.train.checkpoint import BEST, LATEST, find_checkpoint, load_checkpoint, load_model
+from reslab.train.checkpoint import (
+    BEST,
+    LATEST,
+    find_checkpoint,
+    model_from_checkpoint,
+    read_checkpoint,
+)
 from reslab.train.config import DEVICES
 from reslab.train.ensemble import evaluate_ensemble, expand_runs
 from reslab.train.outputs import read_run_config
@@ -151,10 +158,10 @@ def _resume(args: argparse.Namespace) -> int:
     run_dir: Path = args.resume
     saved, cfg = resume_config(args, run_dir)
     check_train_resume(run_dir, saved)  # a fine-tuning run needs its own groups and schedule
-    spec = args.data or saved["data_spec"]
+    weights = read_checkpoint(find_checkpoint(run_dir, prefer=LATEST))  # before the data
+    ckpt, model = weights.meta, model_from_checkpoint(weights).train()
+    spec = args.data or data_spec(saved, run_dir)
     splits = load_data(spec, val_size=saved.get("val_size"), verbose=True)
-    ckpt = load_checkpoint(find_checkpoint(run_dir, prefer="checkpoint_latest.pt"))
-    model = load_model(find_checkpoint(run_dir, prefer="checkpoint_latest.pt")).train()
     # config.json is rewritten: it must name the data this process reads (a moved file)
     info = {**{k: saved.get(k) for k in ("model_name", "val_size")}, "data_spec": spec}
     print(f"resume {run_dir} at step {ckpt['step']}")
@@ -260,7 +267,8 @@ def _load_run(run: Path, args: argparse.Namespace) -> _EvalRun:
     trained on) with ``--flip`` (default: as the run evaluated, its eval_flip)."""
     path = find_checkpoint(run, prefer=CHECKPOINTS[args.checkpoint])
     data, flip = args.data, args.flip
-    ckpt = load_checkpoint(path)
+    weights = read_checkpoint(path)  # read once, validated
+    ckpt = weights.meta
     saved = read_run_config(path.parent) if (path.parent / "config.json").exists() else {}
     spec = data or saved.get("data_spec")
     if spec is None:
@@ -269,7 +277,7 @@ def _load_run(run: Path, args: argparse.Namespace) -> _EvalRun:
         flip = bool(ckpt.get("train_config", {}).get("eval_flip", False))
     return _EvalRun(
         path, ckpt["step"], spec, saved.get("val_size"), list(ckpt["classes"]), flip,
-        load_model(path),
+        model_from_checkpoint(weights),
     )  # fmt: skip
 
 

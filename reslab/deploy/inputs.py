@@ -11,6 +11,7 @@ inside (:class:`reslab.deploy.graph.InferenceModel`), so an exported graph takes
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -152,10 +153,18 @@ def read_image(path: str | Path, spec: InputSpec) -> Tensor:
     naming it."""
     from PIL import Image, UnidentifiedImageError
 
+    from reslab.data.images import DEFAULT_LIMITS, probe, read_bounded
+
     if Path(path).is_dir():
         raise ValueError(f"{path} is a directory, not an image file")
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no image file at {path}")
+    # as the data readers do: a regular file of bounded size, whose declared size is checked
+    # before a pixel is decoded (a 9000x9000 PNG of a few KB would decode to 243 MB)
+    data = read_bounded(path, DEFAULT_LIMITS.max_file_bytes)
+    probe(data, str(path), DEFAULT_LIMITS)
     try:
-        with Image.open(path) as file:
+        with Image.open(io.BytesIO(data)) as file:
             img = _to_8_bit(file).convert("L" if spec.channels == 1 else "RGB")
             if img.size != (spec.width, spec.height):
                 resample = Image.Resampling[spec.interpolation.upper()]

@@ -15,9 +15,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from reslab.models import DenseConfig, ResNetConfig, build_model, get_config
-from reslab.models.pretrained import LoadReport, architecture_overrides, load_pretrained
+from reslab.models import DenseConfig, build_model, get_config
+from reslab.models.pretrained import (
+    LoadReport,
+    architecture_overrides,
+    checkpoint_config,
+    load_pretrained,
+)
+from reslab.models.sizing import check_buildable
 from reslab.models.weights import cifar_resnet_name, read_weights
+from reslab.train.checkpoint import check_format_version
 from reslab.transfer.freeze import (
     NONE,
     check_freeze_point,
@@ -80,16 +87,18 @@ def pretrained_model(
         else:
             config = get_config(model, **new, **architecture_overrides(weights, config))
     elif weights.format == "reslab":
-        if weights.meta.get("model_kind", "resnet") == "dense":
-            config = DenseConfig.from_dict(weights.meta["model_config"])
+        check_format_version(weights.meta, weights.path)
+        config = checkpoint_config(weights)  # parsed and sized before anything is built
+        if isinstance(config, DenseConfig):
             config = _dense_config(config, path, in_channels, image_size, num_classes, True)
         else:
-            config = ResNetConfig.from_dict({**weights.meta["model_config"], **new})
+            config = dataclasses.replace(config, **new)
     else:
         raise ValueError(
             f"{path} is a {weights.format} state dict without an architecture: name the "
             "registered model it fits (e.g. --model resnet50, or preact_resnet50 for timm resnetv2)"
         )
+    check_buildable(config, source=f"the network for {path}")
     net = build_model(config)
     return net, load_pretrained(net, weights)  # the file read above, not a second time
 
