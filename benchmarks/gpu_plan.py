@@ -326,7 +326,9 @@ def train_member(spec: dict[str, Any]) -> int:
         "data_spec": spec["data"],
     }
     try:
-        fit(model, splits, cfg, out, resume=resume, run_info=info, verbose=True)
+        fit(
+            model, splits, cfg, out, resume=resume, run_info=info, verbose=True, allow_nonempty=True
+        )  # the folder holds the plan's own train.log
     except TrainingInterrupted as exc:
         print(f"gpu_plan: {exc}", flush=True)
         return 128 + exc.signum

@@ -13,8 +13,10 @@ from reslab.commands.options import (
     add_data_options,
     add_run_folder_options,
     add_trainer_options,
+    claim_run_folder,
     class_names,
     data_options,
+    data_spec,
     fraction,
     nonnegative_float,
     nonnegative_int,
@@ -113,14 +115,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    import torch
-
-    from reslab.commands.datasets import say_data
-    from reslab.data.reading import open_data
-    from reslab.transfer.finetune import FinetuneOptions, finetune, source_input
+    from reslab.transfer.finetune import FinetuneOptions
 
     if args.resume is not None:
-        return _resume(args)
+        with claim_run_folder(args.resume, resume=True):  # before the data is read
+            return _resume(args)
     required = [flag for flag, value in (("--from", args.source), ("--data", args.data))
                 if value is None]  # fmt: skip
     if required:
@@ -132,13 +131,24 @@ def run_finetune(args: argparse.Namespace) -> int:
         pretrained_lr_scale=0.1 if args.pretrained_lr_scale is None else args.pretrained_lr_scale,
         sha256=args.sha256,
     )
-    train_fraction = 1.0 if args.train_fraction is None else args.train_fraction
     cfg = train_config(args, command="finetune", data=args.data)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = args.out or Path("runs") / f"finetune-{Path(args.data).stem}-{stamp}"
     _refuse_a_used_folder(out)
+    with claim_run_folder(out, resume=False, allow_nonempty=args.allow_nonempty):
+        return _finetune_into(out, args, cfg, options)
+
+
+def _finetune_into(out: Path, args: argparse.Namespace, cfg: Any, options: Any) -> int:
+    import torch
+
+    from reslab.commands.datasets import say_data
+    from reslab.data.reading import open_data
+    from reslab.transfer.finetune import finetune, source_input
+
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    train_fraction = 1.0 if args.train_fraction is None else args.train_fraction
     classes = args.classes  # a list of distinct names, or None
     source = Path(args.source)
     if source.is_dir():
@@ -165,7 +175,7 @@ def run_finetune(args: argparse.Namespace) -> int:
             "data_options": opts}  # fmt: skip
     return _train(
         lambda: finetune(source, data, cfg, out, options=options, model=args.model,
-                         run_info=info),
+                         run_info=info, allow_nonempty=args.allow_nonempty),
         out,
     )  # fmt: skip
 
@@ -218,7 +228,7 @@ def _resume(args: argparse.Namespace) -> int:
             f"{run_dir} is not a fine-tuning run: continue it with `reslab train --resume "
             f"{run_dir}`"
         )
-    spec = args.data or saved["data_spec"]
+    spec = args.data or data_spec(saved, run_dir)
     ckpt = load_checkpoint(run_dir / LATEST)
     # the run's own split: its seed (not a new --seed), classes, train fraction and val size
     saved.setdefault("data_seed", saved["train_config"]["seed"])

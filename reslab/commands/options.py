@@ -13,8 +13,8 @@ The validators are argparse ``type=`` callables: a bad value is one usage error 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import json
 import math
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -22,10 +22,13 @@ from typing import Any, TypeVar
 
 import torch
 
+from reslab._io import FolderLock
 from reslab.data.feed import LOADERS
 from reslab.data.training import AUGMENTS
 from reslab.train import PRESETS, TrainConfig
 from reslab.train.config import COMPILE_MODES, DEVICES, PRECISIONS
+from reslab.train.outputs import read_run_config
+from reslab.train.setup import refuse_occupied
 
 __all__ = [
     "DATA_FLAGS",
@@ -36,8 +39,10 @@ __all__ = [
     "add_run_folder_options",
     "add_trainer_options",
     "check_train_resume",
+    "claim_run_folder",
     "class_names",
     "data_options",
+    "data_spec",
     "fraction",
     "nonnegative_float",
     "nonnegative_int",
@@ -295,8 +300,15 @@ def data_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_run_folder_options(parser: argparse.ArgumentParser, *, default_out: str) -> None:
-    """``--out`` (``default_out`` says where a run goes without it) and ``--resume``."""
+    """``--out`` (``default_out`` says where a run goes without it), ``--allow-nonempty`` and
+    ``--resume``."""
     parser.add_argument("--out", type=Path, help=f"run folder (default {default_out})")
+    parser.add_argument(
+        "--allow-nonempty",
+        action="store_true",
+        help="let a new run use an --out folder that holds other files (they are kept; files "
+        "named like a run's outputs are never replaced)",
+    )
     parser.add_argument(
         "--resume",
         type=Path,
@@ -338,21 +350,45 @@ def train_config(args: argparse.Namespace, *, command: str, data: str | None) ->
 # -- --resume ------------------------------------------------------------------------------------
 
 
+def claim_run_folder(
+    folder: Path | None, *, resume: bool, allow_nonempty: bool = False
+) -> contextlib.AbstractContextManager[Any]:
+    """The lock on the run folder of ``--resume`` or ``--out``, taken before the data is read, so
+    a second process on a folder in use stops at once (exit status 2); ``fit`` takes it again
+    and keeps it while it trains. A new run's folder is checked first (and left untouched if
+    refused, :func:`~reslab.train.setup.refuse_occupied`). ``None``: ``fit`` takes the default
+    folder itself."""
+    if folder is None or (resume and not Path(folder).is_dir()):
+        return contextlib.nullcontext()  # a missing run folder: the resume's own error names it
+    if not resume:
+        refuse_occupied(Path(folder), allow_nonempty=allow_nonempty)
+    return FolderLock(Path(folder))
+
+
 def resume_config(args: argparse.Namespace, run_dir: Path) -> tuple[dict[str, Any], TrainConfig]:
     """A run folder's config.json and its trainer config with this command's flags applied (for
     ``reslab train --resume`` and ``reslab finetune --resume``); sets the thread count."""
-    config_file = run_dir / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"not a run folder (no config.json): {run_dir}")
     if getattr(args, "seed", None) is not None:  # the checkpoint's RNG states decide, not a seed
         raise ValueError("--seed cannot be changed on --resume: the run continues its RNG states")
-    saved = json.loads(config_file.read_text())
+    if getattr(args, "allow_nonempty", False):
+        raise ValueError("--allow-nonempty is for a new run's --out folder, not --resume")
+    saved = read_run_config(run_dir)
     cfg = TrainConfig.from_dict({**saved["train_config"], **trainer_overrides(args)})
     if args.epochs is not None:
         cfg = dataclasses.replace(cfg, iters=None)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     return saved, cfg
+
+
+def data_spec(saved: dict[str, Any], run_dir: Path) -> str:
+    """The data a run trained on, as its config.json records it (``--data`` of the command)."""
+    spec = saved.get("data_spec")
+    if not isinstance(spec, str):  # a run started from Python, without run_info
+        raise ValueError(
+            f"config.json in {run_dir} does not say which data the run trained on: pass --data"
+        )
+    return spec
 
 
 def check_train_resume(run_dir: Path, saved: dict[str, Any]) -> None:

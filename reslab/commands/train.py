@@ -20,7 +20,9 @@ from reslab.commands.options import (
     add_run_folder_options,
     add_trainer_options,
     check_train_resume,
+    claim_run_folder,
     data_options,
+    data_spec,
     nonnegative_int,
     refuse_data_flags_on_resume,
     resume_config,
@@ -31,10 +33,17 @@ from reslab.data.reading import open_data
 from reslab.data.training import TrainingData
 from reslab.models import DenseConfig, build_model, get_config
 from reslab.train import TrainConfig, TrainingInterrupted, evaluate, fit, resolve_device
-from reslab.train.checkpoint import BEST, LATEST, find_checkpoint, load_checkpoint, load_model
+from reslab.train.checkpoint import (
+    BEST,
+    LATEST,
+    find_checkpoint,
+    model_from_checkpoint,
+    read_checkpoint,
+)
 from reslab.train.config import DEVICES
 from reslab.train.ensemble import evaluate_ensemble, expand_runs
 from reslab.train.evaluation import evaluate_crops
+from reslab.train.outputs import read_run_config
 
 DEFAULT_MODEL = "cifar_resnet20"
 CHECKPOINTS = {"best": BEST, "latest": LATEST}  # reslab eval --checkpoint
@@ -136,6 +145,14 @@ def _model_for(name: str, data: TrainingData) -> nn.Module:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    resume = args.resume is not None
+    # one process per run folder, taken before the data is read
+    with claim_run_folder(args.resume if resume else args.out, resume=resume,
+                          allow_nonempty=args.allow_nonempty):  # fmt: skip
+        return _run_train(args)
+
+
+def _run_train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         return _resume(args)
     spec = args.data or "digits"
@@ -161,7 +178,7 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"train {name} on {data.name} ({data.split_size('train')} train / "
           f"{data.split_size('val')} val / {data.split_size('test')} test), recipe "
           f"{cfg.recipe}, run folder {out}")  # fmt: skip
-    return _fit(model, data, cfg, out, info, resume=False)
+    return _fit(model, data, cfg, out, info, resume=False, allow_nonempty=args.allow_nonempty)
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -169,12 +186,11 @@ def _resume(args: argparse.Namespace) -> int:
     saved, cfg = resume_config(args, run_dir)
     check_train_resume(run_dir, saved)  # a fine-tuning run needs its own groups and schedule
     refuse_data_flags_on_resume(args, run_dir)
-    spec = args.data or saved["data_spec"]
-    latest = find_checkpoint(run_dir, prefer="checkpoint_latest.pt")
-    ckpt = load_checkpoint(latest)
+    weights = read_checkpoint(find_checkpoint(run_dir, prefer=LATEST))  # before the data
+    ckpt, model = weights.meta, model_from_checkpoint(weights).train()
+    spec = args.data or data_spec(saved, run_dir)
     data = reopen_data(spec, saved, ckpt.get("input_config"), workers=args.workers)
     say_data(data)
-    model = load_model(latest).train()
     # config.json is rewritten: it must name the data this process reads (a moved file)
     info = {**{k: saved.get(k) for k in ("model_name", "val_size", "data_options")},
             "data_spec": spec}  # fmt: skip
@@ -190,9 +206,11 @@ def _fit(
     info: dict[str, Any],
     *,
     resume: bool,
+    allow_nonempty: bool = False,
 ) -> int:
     try:
-        result = fit(model, data, cfg, out, resume=resume, run_info=info, verbose=True)
+        result = fit(model, data, cfg, out, resume=resume, allow_nonempty=allow_nonempty,
+                     run_info=info, verbose=True)  # fmt: skip
     except TrainingInterrupted as exc:
         print(f"reslab train: {exc}", flush=True)
         return 128 + exc.signum
@@ -285,9 +303,9 @@ def _load_run(run: Path, args: argparse.Namespace) -> _EvalRun:
     trained on) with ``--flip`` (default: as the run evaluated, its eval_flip)."""
     path = find_checkpoint(run, prefer=CHECKPOINTS[args.checkpoint])
     data, flip = args.data, args.flip
-    ckpt = load_checkpoint(path)
-    config_file = path.parent / "config.json"
-    saved = json.loads(config_file.read_text()) if config_file.exists() else {}
+    weights = read_checkpoint(path)  # read once, validated
+    ckpt = weights.meta
+    saved = read_run_config(path.parent) if (path.parent / "config.json").exists() else {}
     spec = data or saved.get("data_spec")
     if spec is None:
         raise ValueError(f"--data is needed (no config.json next to the checkpoint {path})")
@@ -295,7 +313,7 @@ def _load_run(run: Path, args: argparse.Namespace) -> _EvalRun:
         flip = bool(ckpt.get("train_config", {}).get("eval_flip", False))
     return _EvalRun(
         path, ckpt["step"], spec, saved.get("val_size"), list(ckpt["classes"]), flip,
-        load_model(path), saved, ckpt.get("input_config"),
+        model_from_checkpoint(weights), saved, ckpt.get("input_config"),
     )  # fmt: skip
 
 
@@ -354,6 +372,10 @@ def run_eval(args: argparse.Namespace) -> int:
             loaded[key] = reopen_data(r.data, {**r.saved, "val_size": r.val_size},
                                       r.input_config, classes=r.classes, **given)  # fmt: skip
             say_data(loaded[key], err=True)
+        if not loaded[key].split_size(args.split):  # an accuracy of no images is no number
+            why = " (the run held none out: --val-size 0)" if r.val_size == 0 else ""
+            hint = "; evaluate --split test" if args.split == "val" else ""
+            raise ValueError(f"no {args.split} images to evaluate in {r.data}{why}{hint}")
         return loaded[key]
 
     if args.ensemble:

@@ -30,6 +30,7 @@ from reslab.data.presets import (
     RandomResizedCropFlip,
 )
 from reslab.data.sources import RawData, read_cifar_python, read_digits
+from reslab.data.store import check_source
 
 __all__ = [
     "BadImageError",
@@ -113,12 +114,7 @@ def load_raw(
     """
     if spec == "digits":
         return read_digits()
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(
-            f"data not found: {path} (expected 'digits', a CIFAR python folder or .tar.gz, an "
-            "image folder / .zip with train/ (and val/, test/), or a CSV/TSV list of path,label)"
-        )
+    path = check_source(Path(spec).expanduser())  # missing, a pipe, a device: named
     cache_dir = cache_dir or default_cache_dir()
     options = f"{image_size}|{channels}|{skip_bad}|{limits}"
     file = cache_path(path, cache_dir, extra=options)

@@ -30,7 +30,7 @@ import torch
 from reslab._io import atomic_path
 from reslab.data.cache import clean_stale_temp
 from reslab.data.images import DEFAULT_LIMITS, BadImageError, Limits, decode, probe
-from reslab.data.index import SourceIndex, SplitIndex, index_source
+from reslab.data.index import SourceIndex, SplitIndex, index_source, quiet_worker
 from reslab.data.store import FileStore
 
 __all__ = ["MANIFEST", "PackConfig", "pack", "read_shard_index"]
@@ -273,3 +273,4 @@ def read_shard_index(dest: Path) -> SourceIndex:
 
 def _one_thread() -> None:  # pragma: no cover - runs in the pool's processes
     torch.set_num_threads(1)  # one process per core already: no oversubscription
+    quiet_worker()

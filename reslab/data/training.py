@@ -139,6 +139,11 @@ class TrainingData(ABC):
         small groups: (list of uint8 (C, H, W), labels)."""
 
     @abstractmethod
+    def fingerprint(self, split: str, samples: int) -> Iterator[bytes]:
+        """What identifies ``split`` beyond its size, for a resume's data check: its labels and
+        up to ``samples`` of its images (in memory) or its file names and sizes (streamed)."""
+
+    @abstractmethod
     def normalization(self, mode: str) -> Normalize:
         """Statistics of the training images at the input size: "pixel" mean or "channel"
         mean/std (:meth:`Normalize.fit`)."""
@@ -224,6 +229,13 @@ class MemoryData(TrainingData):
         s: Split = getattr(self.splits, split)
         for i in range(0, len(s), 64):
             yield list(s.images[i : i + 64]), s.labels[i : i + 64]
+
+    def fingerprint(self, split: str, samples: int) -> Iterator[bytes]:
+        s: Split = getattr(self.splits, split)
+        yield s.labels.to(torch.int64).contiguous().numpy().tobytes()
+        if len(s):  # evenly spaced images: cheap for any size, yet other images differ
+            idx = torch.linspace(0, len(s) - 1, min(samples, len(s))).round().long()
+            yield str(tuple(s.images.shape)).encode() + s.images[idx].contiguous().numpy().tobytes()
 
     def normalization(self, mode: str) -> Normalize:
         return Normalize.fit(self.splits.train.images, mode)
@@ -348,6 +360,12 @@ class StreamData(TrainingData):
             collate_fn=_collate_list,
         )
         yield from stream  # type: ignore[misc]  # lists of images, by _collate_list
+
+    def fingerprint(self, split: str, samples: int) -> Iterator[bytes]:
+        s = self.splits.get(split)
+        if s is not None:  # the files themselves: names, sizes and labels, from the index
+            yield s.labels.astype(np.int64).tobytes() + s.nbytes.astype(np.int64).tobytes()
+            yield "\n".join(s.files).encode()
 
     def normalization(self, mode: str) -> Normalize:
         """From up to NORM_SAMPLE training images (drawn with seed 0) at the input size, in

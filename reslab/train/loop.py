@@ -32,9 +32,11 @@ from reslab.train.outputs import RunFolder
 from reslab.train.schedule import learning_rate, train_size, wants_warmup
 from reslab.train.setup import (
     Placement,
+    check_optimizer,
+    data_identity,
+    own_run_folder,
     place,
     prepare_model,
-    refuse_occupied,
     resume_checkpoint,
     wrap_model,
 )
@@ -78,6 +80,7 @@ def fit(
     param_groups: list[dict] | None = None,
     on_step: Callable[[int, nn.Module], None] | None = None,
     resume: bool = False,
+    allow_nonempty: bool = False,
     run_info: dict[str, Any] | None = None,
     verbose: bool | None = None,
     progress: bool | None = None,
@@ -95,7 +98,11 @@ def fit(
 
     With ``out_dir`` the run folder gets config.json, metrics.jsonl, checkpoints (latest and best
     on validation), TensorBoard events, summary.json and curves.png; ``resume=True`` continues
-    from ``out_dir/checkpoint_latest.pt`` bit-exactly. ``on_step(step, model)`` runs at the start
+    from ``out_dir/checkpoint_latest.pt`` bit-exactly, after checking the model, optimiser groups,
+    data and config against it. The folder is this process's while it runs (another ``fit`` there
+    raises :class:`reslab._io.FolderLockedError`); a fresh run refuses a folder with files it
+    would replace, and one with other files unless ``allow_nonempty``
+    (:func:`~reslab.train.setup.refuse_occupied`). ``on_step(step, model)`` runs at the start
     of every step, before the forward pass. ``verbose`` prints a line per evaluation; ``progress``
     draws bars for the steps and evaluations (default: with ``verbose``, on a terminal). Under
     torchrun every rank calls ``fit``; rank 0 evaluates and writes.
@@ -111,26 +118,14 @@ def fit(
     batches = _training_batches(data, cfg, where)
     spe = len(batches)
     total = cfg.run_steps(spe)
-    saved = resume_checkpoint(out_dir, cfg, total) if resume and out_dir is not None else None
-    input_cfg = _input_config(data, cfg, normalization, saved)
-    norm = prepare_model(model, cfg, where, input_cfg)
-    state = _new_state(model, batches, cfg, where, param_groups)
+    state, norm, folder, train_model = _start(
+        model, data, batches, cfg, where, out_dir, total=total, resume=resume,
+        allow_nonempty=allow_nonempty, normalization=normalization, param_groups=param_groups,
+        run_info=run_info,
+    )  # fmt: skip
     eval_every = cfg.eval_every or spe
-    torch.manual_seed(cfg.seed)  # global RNG: anything stochastic inside the model
-    if saved is not None:
-        state.load_state_dict(saved)
-    elif out_dir is not None:
-        refuse_occupied(out_dir)
-    folder = RunFolder(out_dir, cfg, data.classes) if out_dir is not None and main else None
-    if folder is not None:
-        folder.start(_config(model, data, cfg, where, run_info), state)
     if verbose and main and cfg.resolutions:
-        sizes = [train_size(round(f * total), total, cfg, data.image_size) or data.image_size
-                 for f, _ in cfg.resolutions]  # fmt: skip
-        write_line("progressive resizing, relative to the data's "
-                   f"{data.image_size[0]}x{data.image_size[1]}: "
-                   + ", ".join(f"{h}x{w}" for h, w in sizes))  # fmt: skip
-    train_model = wrap_model(model, cfg, where)
+        _say_resolutions(data, cfg, total)
     options = StepOptions.of(cfg, where.dist.world_size)
     bar = progress_bar(total=total, initial=state.step, desc="train", unit="step", enabled=show)
     model.train()
@@ -170,17 +165,94 @@ def fit(
                 latest = folder.save(state) if folder else None
                 signum = caught[0] if caught else signal.SIGTERM
                 raise TrainingInterrupted(signum, state.step, latest)
+        bar.close()
+        # still under the signal handlers: a SIGTERM or Ctrl-C now lets the summary be written
+        # (the final checkpoint is saved already; a resume of it would only write the summary)
+        summary = _finish(model, data, cfg, where, state, folder, total=total, show=show,
+                          run_info=run_info)  # fmt: skip
+    return FitResult(model, state.history, summary, state.losses)
 
-    summary = {}
-    for bad in getattr(state.batches, "skipped", []):  # streamed images skip_bad left out
+
+def _start(
+    model: nn.Module,
+    data: TrainingData,
+    batches: TrainingBatches,
+    cfg: TrainConfig,
+    where: Placement,
+    out_dir: Path | None,
+    *,
+    total: int,
+    resume: bool,
+    allow_nonempty: bool,
+    normalization: Normalize | None,
+    param_groups: list[dict] | None,
+    run_info: dict[str, Any] | None,
+) -> tuple[RunState, Normalize, RunFolder | None, nn.Module]:
+    """Everything before the first step: the run folder taken (rank 0's lock), a resume checked
+    against the run (model, data, config, optimiser groups) before anything is written, the
+    model prepared, the state new or restored, the folder started. A failed check lets the
+    folder go. Returns the state, the input normalisation, the folder (rank 0) and the module
+    the step calls."""
+    identity = data_identity(data)
+    lock = None
+    if out_dir is not None:  # this process's folder, and may a fresh run start in it
+        lock = own_run_folder(out_dir, where, resume=resume, allow_nonempty=allow_nonempty)
+    try:
+        saved = None
+        if resume:
+            assert out_dir is not None
+            saved = resume_checkpoint(out_dir, cfg, total, model=model, data=identity)
+        norm = prepare_model(model, cfg, where, _input_config(data, cfg, normalization, saved))
+        state = _new_state(model, batches, cfg, where, param_groups)
+        torch.manual_seed(cfg.seed)  # global RNG: anything stochastic inside the model
+        if saved is not None:
+            assert out_dir is not None
+            check_optimizer(out_dir, saved, state.optimizer)
+            state.load_state_dict(saved)  # after the seed: the saved RNG states win
+        folder = None
+        if out_dir is not None and where.dist.is_main:
+            folder = RunFolder(out_dir, cfg, data.classes, lock=lock, data=identity)
+            folder.start(_config(model, data, identity, cfg, where, run_info), state)
+        return state, norm, folder, wrap_model(model, cfg, where)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _finish(
+    model: nn.Module,
+    data: TrainingData,
+    cfg: TrainConfig,
+    where: Placement,
+    state: RunState,
+    folder: RunFolder | None,
+    *,
+    total: int,
+    show: bool,
+    run_info: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The run's summary (rank 0; ``{}`` elsewhere), written with the curves to its folder; the
+    streamed images ``skip_bad`` left out are counted in it."""
+    for bad in getattr(state.batches, "skipped", []):
         if bad not in data.skipped:
             data.skipped.append(bad)
-    if main:
+    summary: dict[str, Any] = {}
+    if where.dist.is_main:
         summary = summarize(model, data, cfg, where.device, state, total=total,
-                            steps_per_epoch=spe, progress=show)  # fmt: skip
+                            steps_per_epoch=len(state.batches), progress=show)  # fmt: skip
     if folder is not None:
         folder.finish(summary, state.history, title=_title(model, data, cfg, run_info))
-    return FitResult(model, state.history, summary, state.losses)
+    return summary
+
+
+def _say_resolutions(data: TrainingData, cfg: TrainConfig, total: int) -> None:
+    """Progressive resizing's sizes, relative to the data's input size, in pixels."""
+    sizes = [train_size(round(f * total), total, cfg, data.image_size) or data.image_size
+             for f, _ in cfg.resolutions]  # fmt: skip
+    write_line("progressive resizing, relative to the data's "
+               f"{data.image_size[0]}x{data.image_size[1]}: "
+               + ", ".join(f"{h}x{w}" for h, w in sizes))  # fmt: skip
 
 
 def _training_batches(data: TrainingData, cfg: TrainConfig, where: Placement) -> TrainingBatches:
@@ -261,19 +333,26 @@ def _evaluation_point(
 def _config(
     model: nn.Module,
     data: TrainingData,
+    identity: dict[str, Any],
     cfg: TrainConfig,
     where: Placement,
     run_info: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """config.json: the recipe, the model, the data (how it is fed, the input the model takes,
-    where val/test came from), where it ran, and the caller's ``run_info``."""
+    where val/test came from, and its :func:`~reslab.train.setup.data_identity`), where it ran,
+    and the caller's ``run_info``."""
     input_cfg: InputConfig = model.input_config  # type: ignore[assignment]  # prepare_model's
     augment = data.augmentation(cfg.augmentation) if cfg.augment else "none"
     return {
         "train_config": cfg.to_dict(),
         "model_config": model_config(model).to_dict(),
         "model_kind": model_record(model)["model_kind"],
-        "data": {**data.record(), "input": input_cfg.describe(), "augmentation": augment},
+        "data": {
+            **data.record(),
+            **identity,
+            "input": input_cfg.describe(),
+            "augmentation": augment,
+        },
         "world_size": where.dist.world_size,
         **run_record(where.device),
         **(run_info or {}),

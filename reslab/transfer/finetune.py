@@ -8,7 +8,6 @@ then the network is trained on the new data, usually for far fewer steps than fr
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,15 @@ from torch import nn
 
 from reslab.data.augment import Normalize
 from reslab.models import DenseConfig, ResNetConfig, build_model, get_config
-from reslab.models.pretrained import LoadReport, architecture_overrides, load_pretrained
+from reslab.models.pretrained import (
+    LoadReport,
+    architecture_overrides,
+    checkpoint_config,
+    load_pretrained,
+)
+from reslab.models.sizing import check_buildable
 from reslab.models.weights import cifar_resnet_name, read_weights
+from reslab.train.checkpoint import check_format_version
 from reslab.transfer.freeze import (
     NONE,
     check_freeze_point,
@@ -89,16 +95,18 @@ def pretrained_model(
         else:
             config = get_config(model, **new, **architecture_overrides(weights, config))
     elif weights.format == "reslab":
-        if weights.meta.get("model_kind", "resnet") == "dense":
-            config = DenseConfig.from_dict(weights.meta["model_config"])
+        check_format_version(weights.meta, weights.path)
+        config = checkpoint_config(weights)  # parsed and sized before anything is built
+        if isinstance(config, DenseConfig):
             config = _dense_config(config, path, in_channels, image_size, num_classes, True)
         else:
-            config = ResNetConfig.from_dict({**weights.meta["model_config"], **new})
+            config = dataclasses.replace(config, **new)
     else:
         raise ValueError(
             f"{path} is a {weights.format} state dict without an architecture: name the "
             "registered model it fits (e.g. --model resnet50, or preact_resnet50 for timm resnetv2)"
         )
+    check_buildable(config, source=f"the network for {path}")
     net = build_model(config)
     return net, load_pretrained(net, weights)  # the file read above, not a second time
 
@@ -179,12 +187,14 @@ def finetune(
     model: str | None = None,
     run_info: dict[str, Any] | None = None,
     verbose: bool | None = None,
+    allow_nonempty: bool = False,
 ) -> Any:
     """Fine-tune the weights in ``path`` on ``splits`` (``reslab.data.DataSplits`` in memory, or
     any ``reslab.data.training.TrainingData``) with the trainer config ``cfg``; returns
     ``reslab.train.fit``'s ``FitResult``. ``out_dir`` becomes the same run folder ``reslab
     train`` writes, with the load report (and ``run_info``) in its config.json. Inputs are
-    normalised as :func:`source_normalization` says."""
+    normalised as :func:`source_normalization` says. ``allow_nonempty``: see
+    :func:`reslab.train.fit`."""
     from reslab.data.training import as_training_data
 
     data = as_training_data(splits)
@@ -222,7 +232,8 @@ def finetune(
     if verbose or (verbose is None and out_dir is not None):
         print(report, flush=True)
     norm = source_normalization(net, report)
-    return _fit(net, data, cfg, out_dir, info, resume=False, verbose=verbose, normalization=norm)
+    return _fit(net, data, cfg, out_dir, info, resume=False, verbose=verbose, normalization=norm,
+                allow_nonempty=allow_nonempty)  # fmt: skip
 
 
 def resume_finetune(
@@ -240,9 +251,10 @@ def resume_finetune(
     validation split and seed) and ``cfg`` its trainer config. Returns ``fit``'s ``FitResult``.
     """
     from reslab.train.checkpoint import LATEST, load_model
+    from reslab.train.outputs import read_run_config
 
     run_dir = Path(run_dir)
-    saved = json.loads((run_dir / "config.json").read_text())
+    saved = read_run_config(run_dir)
     if "finetune" not in saved:
         raise ValueError(
             f"{run_dir} is not a fine-tuning run: continue it with "
@@ -263,6 +275,7 @@ def _fit(
     resume: bool,
     verbose: bool | None,
     normalization: Normalize | None = None,
+    allow_nonempty: bool = False,
 ) -> Any:
     """``fit`` with the parameter groups and freeze schedule that ``info["finetune"]`` records,
     so a resumed run rebuilds exactly the optimiser and schedule of the first."""
@@ -284,6 +297,7 @@ def _fit(
         param_groups=groups,
         on_step=unfreeze_schedule(schedule),
         resume=resume,
+        allow_nonempty=allow_nonempty,
         run_info=info,
         verbose=verbose,
         normalization=normalization,
