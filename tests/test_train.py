@@ -573,6 +573,7 @@ def _sync_bn_worker(rank: int, world: int, port: int, out: str) -> None:
         stats[str(momentum)] = (bn.running_mean.clone(), bn.running_var.clone())
     if rank == 0:
         torch.save({"x": x, "stats": stats}, out)
+    dist.barrier()  # a rank that tears gloo down while its peer still talks aborts the peer
     dist.destroy_process_group()
 
 
