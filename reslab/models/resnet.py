@@ -31,6 +31,7 @@ from reslab.models.layers import (
     traced_for_script,
 )
 from reslab.models.ordered import OrderedBasicBlock, OrderedBottleneck
+from reslab.models.shortcuts import make_combine
 
 __all__ = ["BLOCKS", "ResNet", "default_cfg", "make_block"]
 
@@ -70,7 +71,9 @@ def make_block(
         stride,
         norm_layer=None if preact else norm_layer,
     )
-    kwargs: dict[str, Any] = {"shortcut": shortcut, "norm_layer": norm_layer}
+    # h(x) + F(x), or a scaled or gated shortcut of He et al. 2016 Table 1
+    combine = make_combine(config.combine, in_channels, width * block.expansion, stride)
+    kwargs: dict[str, Any] = {"shortcut": shortcut, "combine": combine, "norm_layer": norm_layer}
     if config.block == "bottleneck":
         kwargs["stride_in"] = config.stride_in
     if preact or explicit is None:
