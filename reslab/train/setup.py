@@ -70,12 +70,21 @@ def place(cfg: TrainConfig) -> Placement:
 def prepare_model(
     model: nn.Module, cfg: TrainConfig, where: Placement, train_images: Tensor
 ) -> Normalize:
-    """Move ``model`` to the device in the configured memory layout, synchronise its BatchNorm
-    over the ranks if asked, and attach the training images' normalisation as ``input_norm``
-    (what evaluation and saved checkpoints apply to uint8 images). Returns that normalisation."""
+    """Move ``model`` to the device in the configured memory layout, turn on its gradient
+    checkpointing and synchronise its BatchNorm over the ranks if asked, and attach the training
+    images' normalisation as ``input_norm`` (what evaluation and saved checkpoints apply to uint8
+    images). Returns that normalisation."""
     model.to(where.device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
+    if cfg.grad_checkpointing:
+        enable = getattr(model, "set_grad_checkpointing", None)
+        if not callable(enable):
+            raise ValueError(
+                f"--grad-checkpointing: {type(model).__name__} has no set_grad_checkpointing "
+                "(the convolutional ResNets have it)"
+            )
+        enable(True)
     if cfg.sync_bn and where.dist.world_size > 1:
         convert_sync_batchnorm(model, cuda=where.device.type == "cuda")
     norm = Normalize.fit(train_images, cfg.normalize)
