@@ -254,7 +254,9 @@ def plot_shortcuts(
             label=r["variant"],
             **style,
         )
-    axes[0][0].set_yscale("log")
+    losses = [v for r in trained for v in r["loss_curve"]["loss"] if v > 0]
+    if losses and max(losses) > 10 * min(losses):  # a log axis only where the loss spans decades
+        axes[0][0].set_yscale("log")
     axes[0][0].set_xlabel("iteration")
     axes[0][0].set_ylabel(f"training loss (running mean of {window} points)")
     axes[0][0].set_title(title, fontsize=9)
