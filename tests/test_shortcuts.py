@@ -33,7 +33,6 @@ from reslab.models.layers import PadShortcut
 from reslab.models.recompute import checkpoint_module
 from reslab.models.shortcuts import (
     COMBINES,
-    Add,
     DropoutShortcut,
     ExclusiveGating,
     ShortcutGating,
@@ -47,15 +46,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_the_default_unit_is_the_plain_sum_bit_for_bit() -> None:
-    """``combine="add"`` computes exactly what the blocks computed before it existed, and adds
-    nothing to the state dict (torchvision's keys still load)."""
+    """``combine="add"`` computes exactly what the blocks computed before it existed, with the
+    same modules (a model packer or exporter sees nothing new) and state-dict keys."""
     torch.manual_seed(0)
     unit = BasicBlock(16, 32, 2, shortcut=PadShortcut(16, 32, 2)).train()
     x = torch.randn(2, 16, 8, 8)
     branch = unit.bn2(unit.conv2(unit.act(unit.bn1(unit.conv1(x)))))
     assert torch.equal(unit(x), torch.relu(branch + unit.downsample(x)))
-    assert isinstance(unit.combine, Add)
+    assert unit.combine is None and make_combine("add", 16, 32, 2) is None
     model = create_model("cifar_resnet20")
+    assert "combine" not in {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     assert not any("combine" in k for k in model.state_dict())
 
 
@@ -97,6 +97,7 @@ def test_each_unit_computes_its_equation(key: str, stride: int) -> None:
     g = _gate(unit, x) if "gate" in key else None
     if g is not None:
         assert g.shape == f.shape  # one gate per channel and position: "element-wise"
+    assert (unit.combine is None) == (key == "add")
     torch.testing.assert_close(unit(x), torch.relu(EQUATIONS[key](f, h, g)), rtol=0, atol=1e-6)
 
 

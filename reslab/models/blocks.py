@@ -26,7 +26,6 @@ import torch
 from torch import Tensor, fx, nn
 
 from reslab.models.layers import NormLayer, ProjectionShortcut, check_choice, conv2d
-from reslab.models.shortcuts import Add
 
 __all__ = [
     "BasicBlock",
@@ -61,8 +60,8 @@ class ResidualBlock(nn.Module):
 
     ``downsample`` is the skip path ``h`` (None: the unit of a plain net, no addition). It keeps
     torchvision's name so its state dicts load; the forwards call its output ``shortcut``.
-    ``combine(out, shortcut, x)`` joins ``F(x)`` and ``h(x)``: ``out + shortcut`` unless a
-    variant of He et al. 2016 Table 1 scales or gates them (:mod:`reslab.models.shortcuts`).
+    :meth:`join` adds ``F(x)`` and ``h(x)``, or hands them to ``combine``, a module that scales
+    or gates them as a variant of He et al. 2016 Table 1 does (:mod:`reslab.models.shortcuts`).
     Subclasses build the branch first and call :meth:`_set_shortcut` last: module order fixes the
     order in which :func:`~reslab.models.layers.kaiming_init_` draws the weights.
 
@@ -81,11 +80,19 @@ class ResidualBlock(nn.Module):
         self.shortcut_from_preact = False
 
     def _set_shortcut(self, shortcut: nn.Module | None, combine: nn.Module | None = None) -> None:
-        if shortcut is None and not (combine is None or isinstance(combine, Add)):
+        if shortcut is None and combine is not None:
             raise ValueError(f"a plain unit has no shortcut to combine with {combine}")
         self.residual = shortcut is not None
         self.downsample = shortcut
-        self.combine = combine if combine is not None else Add()
+        # None: the plain sum, and the unit's modules stay exactly those of the original design
+        self.combine = combine
+
+    def join(self, out: Tensor, shortcut: Tensor, x: Tensor) -> Tensor:
+        """``y = F(x) + h(x)`` (He et al. 2016, eq. 1), never in place; with a ``combine``
+        module, its scaled or gated form. ``x`` is what ``h`` read (a gate reads it too)."""
+        if self.combine is None:
+            return out + shortcut
+        return self.combine(out, shortcut, x)
 
     # -- analysis interface -------------------------------------------------------------------
     def forward_without_branch(self, x: Tensor) -> Tensor:
@@ -101,8 +108,9 @@ class ResidualBlock(nn.Module):
             return x
         x_in = self._shortcut_input(x)
         shortcut = self.downsample(x_in)
-        # F deleted is F = 0; a scaled or gated shortcut stays scaled or gated
-        return self._after_add(self.combine(torch.zeros_like(shortcut), shortcut, x_in))
+        if self.combine is not None:  # F deleted is F = 0: a scaled or gated h stays so
+            shortcut = self.combine(torch.zeros_like(shortcut), shortcut, x_in)
+        return self._after_add(shortcut)
 
     def can_delete_branch(self) -> bool:
         """A residual unit always (its shortcut remains); a plain unit if it keeps the shape."""
@@ -170,7 +178,7 @@ class BasicBlock(ResidualBlock):
         if self.downsample is None:  # the plain twin: no shortcut
             return self.act(out)
         shortcut = self.downsample(x)  # h(x)
-        return self.act(self.combine(out, shortcut, x))  # x_{l+1} = ReLU(F(x) + h(x))
+        return self.act(self.join(out, shortcut, x))  # x_{l+1} = ReLU(F(x) + h(x))
 
     def branch_norms(self) -> list[tuple[str, nn.Module]]:
         return [("bn1", self.bn1), ("bn2", self.bn2)]
@@ -219,7 +227,7 @@ class Bottleneck(ResidualBlock):
         if self.downsample is None:
             return self.act(out)
         shortcut = self.downsample(x)  # h(x)
-        return self.act(self.combine(out, shortcut, x))
+        return self.act(self.join(out, shortcut, x))
 
     def branch_norms(self) -> list[tuple[str, nn.Module]]:
         return [("bn1", self.bn1), ("bn2", self.bn2), ("bn3", self.bn3)]
@@ -284,7 +292,7 @@ class PreActBasicBlock(ResidualBlock):
             return out
         x_in = pre if self.shortcut_from_preact else x
         shortcut = self.downsample(x_in)  # h(x)
-        return self.combine(out, shortcut, x_in)  # x_{l+1} = h(x) + F(x), nothing after it
+        return self.join(out, shortcut, x_in)  # x_{l+1} = h(x) + F(x), nothing after it
 
     def branch_norms(self) -> list[tuple[str, nn.Module]]:
         return [("bn2", self.bn2)]  # bn1 normalises the unit's input, not a layer of F
@@ -335,7 +343,7 @@ class PreActBottleneck(ResidualBlock):
             return out
         x_in = pre if self.shortcut_from_preact else x
         shortcut = self.downsample(x_in)  # h(x)
-        return self.combine(out, shortcut, x_in)
+        return self.join(out, shortcut, x_in)
 
     def branch_norms(self) -> list[tuple[str, nn.Module]]:
         return [("bn2", self.bn2), ("bn3", self.bn3)]

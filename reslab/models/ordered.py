@@ -33,7 +33,7 @@ class OrderedBlock(ResidualBlock):
 
     ``preact_ops`` run on the unit's input before the first convolution (shared with a
     projection shortcut and, in the network's first unit, with the identity too: He et al. 2016,
-    appendix), ``ops`` are the rest of ``F``, ``after_add`` follow ``combine(F(x), h(x))``.
+    appendix), ``ops`` are the rest of ``F``, ``after_add`` follow ``h(x) + F(x)``.
     """
 
     def __init__(
@@ -101,7 +101,7 @@ class OrderedBlock(ResidualBlock):
         if self.downsample is not None:
             x_in = pre if self.shortcut_from_preact else x
             shortcut = self.downsample(x_in)  # h(x)
-            out = self.combine(out, shortcut, x_in)  # y = h(x) + F(x), never in place
+            out = self.join(out, shortcut, x_in)  # y = h(x) + F(x), never in place
         return self._run(self.after_add, out)  # x_{l+1} = f(y)
 
     def __prepare_scriptable__(self) -> nn.Module:

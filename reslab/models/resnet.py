@@ -72,7 +72,7 @@ def make_block(
         stride,
         norm_layer=None if preact else norm_layer,
     )
-    # h(x) + F(x), or a scaled or gated shortcut of He et al. 2016 Table 1
+    # None for h(x) + F(x); a scaled or gated shortcut of He et al. 2016 Table 1 otherwise
     combine = make_combine(config.combine, in_channels, width * block.expansion, stride)
     kwargs: dict[str, Any] = {"shortcut": shortcut, "combine": combine, "norm_layer": norm_layer}
     if config.block == "bottleneck":

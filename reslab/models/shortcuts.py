@@ -2,9 +2,10 @@
 
 A unit computes ``y = h(x) + F(x)`` (He et al. 2016, eq. 1). Section 3.1 ("Experiments on Skip
 Connections", Fig. 2, Table 1) asks what happens when the shortcut is *not* a clean identity and
-multiplies it (and sometimes ``F``) by a constant, a gate or a dropout mask. The combination is a
-module every unit calls as ``combine(out, shortcut, x)`` (``out`` = F(x), ``shortcut`` = h(x),
-``x`` = what h reads), so the block forwards keep reading ``f(combine(F(x), h(x), x))``.
+multiplies it (and sometimes ``F``) by a constant, a gate or a dropout mask. Such a unit holds a
+``combine`` module that it calls as ``combine(out, shortcut, x)`` (``out`` = F(x), ``shortcut`` =
+h(x), ``x`` = what h reads) in place of the sum; the original unit holds none
+(:meth:`~reslab.models.blocks.ResidualBlock.join`), so its modules and state dict are unchanged.
 
 Table 1 of He et al. 2016 (ResNet-110 on CIFAR-10, every unit; "fail" = test error > 20%):
 
@@ -36,8 +37,9 @@ and no BN (a BN would discard b_g, whose initial value the paper finds decisive)
 every other convolution (He et al. 2015b); only ``b_g`` has the paper's value. Units that change
 the shape gate their option-A/B shortcut the same way ("applied to all Residual Units").
 
-Every module here is leaf modules (a 1x1 ``nn.Conv2d``, ``nn.Dropout``) and element-wise tensor
-operations, so they can be packed like the rest of the network.
+For packing several seeds into one wide network: :class:`ConstantScaling` is a parameter-free,
+element-wise leaf; the gates are containers of one 1x1 ``nn.Conv2d`` (with a bias) whose forwards
+are element-wise; :class:`DropoutShortcut` holds an ``nn.Dropout``.
 """
 
 from __future__ import annotations
@@ -53,7 +55,6 @@ from reslab.models.layers import check_choice
 
 __all__ = [
     "COMBINES",
-    "Add",
     "CombineOption",
     "ConstantScaling",
     "DropoutShortcut",
@@ -61,13 +62,6 @@ __all__ = [
     "ShortcutGating",
     "make_combine",
 ]
-
-
-class Add(nn.Module):
-    """``y = F(x) + h(x)``: the original unit (He et al. 2016, Fig. 2(a)). Never in place."""
-
-    def forward(self, out: Tensor, shortcut: Tensor, x: Tensor) -> Tensor:
-        return out + shortcut
 
 
 class ConstantScaling(nn.Module):
@@ -149,16 +143,17 @@ class DropoutShortcut(nn.Module):
 @dataclass(frozen=True)
 class CombineOption:
     """One row of He et al. 2016 Table 1: what multiplies the shortcut and the branch, and how
-    to build the module for a unit from ``in_channels`` to ``out_channels`` at ``stride``."""
+    to build the module for a unit from ``in_channels`` to ``out_channels`` at ``stride`` (None:
+    the plain sum, no module)."""
 
     description: str
     on_shortcut: str  # Table 1's column "on shortcut"
     on_branch: str  # Table 1's column "on F"
-    build: Callable[[int, int, int], nn.Module]
+    build: Callable[[int, int, int], nn.Module | None]
 
 
-def _add(in_channels: int, out_channels: int, stride: int) -> nn.Module:
-    return Add()
+def _add(in_channels: int, out_channels: int, stride: int) -> None:
+    return None
 
 
 def _constant(
@@ -203,8 +198,9 @@ COMBINES: dict[str, CombineOption] = {
 }
 
 
-def make_combine(option: str, in_channels: int, out_channels: int, stride: int) -> nn.Module:
+def make_combine(option: str, in_channels: int, out_channels: int, stride: int) -> nn.Module | None:
     """The module that combines a unit's ``h(x)`` and ``F(x)`` under ``option`` (a key of
-    :data:`COMBINES`); a gate reads the unit's ``in_channels`` and gates ``out_channels``."""
+    :data:`COMBINES`), None for the plain sum; a gate reads the unit's ``in_channels`` and gates
+    ``out_channels``."""
     check_choice("combine", option, COMBINES)
     return COMBINES[option].build(in_channels, out_channels, stride)
