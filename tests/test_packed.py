@@ -74,6 +74,11 @@ ALL_NETS = {
     **NETS,
     "imagenet_bottleneck": ("resnet50", {"layers": (1, 1, 1, 1), "widths": (4, 8, 8, 8),
                                          "stem_width": 8}),
+    # He et al. 2016 Table 1: the constant scaling and the two gates (1x1 conv + sigmoid)
+    "scale": ("cifar_resnet20", {"layers": (1, 1, 1), "combine": "scale"}),
+    "exclusive_gate": ("cifar_resnet20", {"layers": (1, 1, 1), "combine": "exclusive_gate"}),
+    "shortcut_gate_B": ("cifar_resnet20", {"layers": (1, 1, 1), "combine": "shortcut_gate",
+                                           "shortcut": "B"}),
 }  # fmt: skip
 
 
@@ -525,6 +530,8 @@ def test_pack_refuses_what_it_cannot_pack_exactly() -> None:
         model.layer1[1].downsample = _Shuffle(16)  # type: ignore[index]
     with pytest.raises(ValueError, match=r"does not compute its members' outputs.*mixes"):
         pack(models)
+    with pytest.raises(ValueError, match=r"\.combine\.drop \(Dropout\): its masks"):
+        build_packed(dataclasses.replace(cfg, combine="dropout"), [0, 1])  # Table 1's dropout
     with pytest.raises(ValueError, match="does not split into 3 members"):
         PackedSGD([torch.zeros(4, requires_grad=True)], members=3, lr=0.1)
 

@@ -138,6 +138,7 @@ TRAINER_FLAGS: tuple[str, ...] = (
     "device",
     "compile",
     "compile_mode",
+    "grad_checkpointing",
     "precision",
     "batch_size",
     "lr",
@@ -178,6 +179,11 @@ def _trainer_flag_specs(command: str) -> dict[str, dict[str, Any]]:
             "choices": COMPILE_MODES,
             "help": "torch.compile mode with --compile; reduce-overhead: CUDA graphs (small nets "
             "on a GPU)",
+        },
+        "grad_checkpointing": {
+            "action": argparse.BooleanOptionalAction,
+            "help": "recompute each residual unit's activations in the backward pass: far less "
+            "memory for very deep nets (ResNet-1001), same gradients, ~1/3 more compute",
         },
         "precision": {
             "choices": PRECISIONS,

@@ -69,6 +69,9 @@ class TrainConfig:
     precision: str = "fp32"  # "bf16"/"fp16": autocast of forward and loss; weights stay fp32
     channels_last: bool = False  # NHWC memory layout (faster convolutions on CPU and tensor cores)
     compile: bool = False  # torch.compile the model
+    # recompute each residual unit's activations in the backward pass instead of storing them
+    # (model.set_grad_checkpointing): for very deep nets such as ResNet-1001; same gradients
+    grad_checkpointing: bool = False
     # torch.compile's mode: "reduce-overhead" replays the compiled forward and backward as CUDA
     # graphs, which is what a small CIFAR network needs on a GPU, where eager steps are bound by
     # the CPU launching hundreds of tiny kernels (docs/results.md)

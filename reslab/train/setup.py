@@ -88,13 +88,21 @@ def place(cfg: TrainConfig) -> Placement:
 def prepare_model(
     model: nn.Module, cfg: TrainConfig, where: Placement, input_cfg: InputConfig
 ) -> Normalize:
-    """Move ``model`` to the device in the configured memory layout, synchronise its BatchNorm
-    over the ranks if asked, and attach ``input_cfg`` (the evaluation transform and the
-    normalisation that evaluation and saved checkpoints apply to uint8 images) as
-    ``input_config`` and ``input_norm``. Returns that normalisation."""
+    """Move ``model`` to the device in the configured memory layout, turn on its gradient
+    checkpointing and synchronise its BatchNorm over the ranks if asked, and attach ``input_cfg``
+    (the evaluation transform and the normalisation that evaluation and saved checkpoints apply
+    to uint8 images) as ``input_config`` and ``input_norm``. Returns that normalisation."""
     model.to(where.device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
+    if cfg.grad_checkpointing:
+        enable = getattr(model, "set_grad_checkpointing", None)
+        if not callable(enable):
+            raise ValueError(
+                f"--grad-checkpointing: {type(model).__name__} has no set_grad_checkpointing "
+                "(the convolutional ResNets have it)"
+            )
+        enable(True)
     if cfg.sync_bn and where.dist.world_size > 1:
         convert_sync_batchnorm(model, cuda=where.device.type == "cuda")
     set_input(model, input_cfg)
