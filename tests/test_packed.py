@@ -33,6 +33,7 @@ from reslab.models.packed import (
     unpack_state_dicts,
 )
 from reslab.train import TrainConfig, fit, learning_rate
+from reslab.train.captured import TrainStep, lr_table
 from reslab.train.checkpoint import load_model, model_record, save_checkpoint
 from reslab.train.packed import (
     WARMUP_WINDOW,
@@ -42,7 +43,6 @@ from reslab.train.packed import (
     member_finite,
     member_losses,
     member_optimizer_states,
-    packed_train_step,
 )
 from reslab.train.schedule import wants_warmup
 
@@ -192,30 +192,36 @@ def _packed_run(
     dtype: torch.dtype,
     poison: tuple[int, int] | None = None,
 ) -> dict:
+    """The packed network trained by the trainer's step (TrainStep, members=K) on MemberBatches;
+    ``poison=(member, step)`` makes that member's batch NaN at that step."""
     if cfg.channels_last:
         packed.to(memory_format=torch.channels_last)
     k = packed.members
-    opt = PackedSGD(_groups(packed, cfg), members=k, lr=cfg.lr, momentum=cfg.momentum,
-                    nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)  # fmt: skip
+    opt = torch.optim.SGD(_groups(packed, cfg), lr=cfg.lr, momentum=cfg.momentum,
+                          nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)  # fmt: skip
     norm = Normalize.fit(splits.train.images, cfg.normalize)
     batches = MemberBatches(splits.train.images, splits.train.labels, SEEDS, cfg, norm)
     state = MemberState.create(k, warmup=wants_warmup(cfg, packed.config.depth))
-    stats, left = [], [None] * k
-    for step in range(steps):
-        x, y = batches.batch(step)
-        x = x.to(dtype)
-        if poison is not None and poison[1] == step:
+    step = TrainStep(
+        packed, opt, members=k, rates=lr_table(lambda s: learning_rate(s, steps, cfg), steps),
+        state=state, norm=lambda x: x.to(dtype), capacity=steps, warmup_lr=cfg.warmup_lr,
+        warmup_error=cfg.warmup_error, label_smoothing=cfg.label_smoothing,
+        channels_last=cfg.channels_last,
+    )  # fmt: skip
+    left: list[int | None] = [None] * k
+    for s in range(steps):
+        x, y = batches.batch(s)
+        if poison is not None and poison[1] == s:
             c = packed.config.in_channels
             x[:, poison[0] * c : (poison[0] + 1) * c] = math.nan
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         was = state.warming.clone()
-        stats.append(packed_train_step(packed, opt, x, y, state, step=step,
-                                       lr=learning_rate(step, steps, cfg), cfg=cfg))  # fmt: skip
+        step(x, y)
         for m in range(k):
             if was[m] and not state.warming[m]:
-                left[m] = step
-    return {"optimizer": opt, "stats": torch.stack(stats), "state": state, "left_warmup": left}
+                left[m] = s
+    report = step.read()
+    stats = torch.tensor([report.losses, report.wrong], dtype=torch.float64).transpose(0, 1)
+    return {"optimizer": opt, "stats": stats, "state": state, "left_warmup": left}
 
 
 def _assert_state_close(packed: PackedNet, models: list[nn.Module], **tol: float) -> None:
@@ -312,7 +318,7 @@ def test_packed_training_matches_the_trainer(splits) -> None:
         fits.append(fit(model, splits, dataclasses.replace(tcfg, seed=seed), verbose=False))
     packed = build_packed(cfg, SEEDS)
     result = _packed_run(packed, splits, tcfg, steps=3, dtype=torch.float32)
-    losses = torch.tensor([f.losses for f in fits]).T
+    losses = torch.tensor([f.losses for f in fits], dtype=torch.float64).T
     torch.testing.assert_close(result["stats"][0, 0], losses[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(result["stats"][:, 0], losses, rtol=1e-3, atol=1e-4)
     _assert_state_close(packed, [f.model for f in fits], rtol=1e-3, atol=1e-3)
@@ -339,18 +345,29 @@ def test_member_state_warmup_rule() -> None:
     cfg = _train_cfg(warmup="error", warmup_error=0.8)
     state = MemberState.create(2, warmup=True)
     for step in range(WARMUP_WINDOW - 1):  # under the threshold, but the window is not full
-        state.observe_errors(torch.tensor([0, 32]), step, batch_size=32, cfg=cfg)
+        state.observe_errors(
+            torch.tensor([0, 32]), step, batch_size=32, warmup_error=cfg.warmup_error
+        )
         assert state.warming.tolist() == [True, True]
-    state.observe_errors(torch.tensor([0, 32]), WARMUP_WINDOW - 1, batch_size=32, cfg=cfg)
+    state.observe_errors(
+        torch.tensor([0, 32]), WARMUP_WINDOW - 1, batch_size=32, warmup_error=cfg.warmup_error
+    )
     assert state.warming.tolist() == [False, True]
     # exactly 80 % wrong is not "below 80 %"; one image fewer is
     state = MemberState.create(1, warmup=True)
     for step, wrong in enumerate([26] * 9 + [22]):  # 256 wrong of 320
-        state.observe_errors(torch.tensor([wrong]), step, batch_size=32, cfg=cfg)
+        state.observe_errors(
+            torch.tensor([wrong]), step, batch_size=32, warmup_error=cfg.warmup_error
+        )
     assert state.warming.tolist() == [True]
-    state.observe_errors(torch.tensor([21]), 10, batch_size=32, cfg=cfg)  # window: 9x26 + 22 + 21
+    state.observe_errors(
+        torch.tensor([21]), 10, batch_size=32, warmup_error=cfg.warmup_error
+    )  # window: 9x26 + 22 + 21
     assert state.warming.tolist() == [False]
-    assert state.lr_scale(0.1, cfg).dtype == torch.float64
+    both = MemberState.create(2, warmup=True)
+    both.warming[1] = False
+    rate = both.learning_rate(torch.tensor([0.1], dtype=torch.float64), cfg.warmup_lr)
+    assert rate.dtype == torch.float64 and rate.tolist() == [cfg.warmup_lr, 0.1]
 
 
 def test_nonfinite_member_is_masked_and_the_others_continue(splits) -> None:

@@ -1,10 +1,11 @@
 """Training: the paper's CIFAR protocol and a fast CPU recipe, with exact resume and DDP."""
 
 from reslab.train.batches import InMemoryBatches, TrainingBatches
+from reslab.train.captured import TrainStep
 from reslab.train.config import PRESETS, TrainConfig
 from reslab.train.evaluation import evaluate
 from reslab.train.loop import FitResult, TrainingInterrupted, fit
-from reslab.train.packed import MemberBatches, MemberState, PackedSGD, packed_train_step
+from reslab.train.packed import MemberBatches, MemberState, PackedSGD
 from reslab.train.schedule import learning_rate, train_resolution
 from reslab.train.setup import resolve_device
 from reslab.train.state import RunState
@@ -20,12 +21,12 @@ __all__ = [
     "PackedSGD",
     "RunState",
     "TrainConfig",
+    "TrainStep",
     "TrainingBatches",
     "TrainingInterrupted",
     "evaluate",
     "fit",
     "learning_rate",
-    "packed_train_step",
     "resolve_device",
     "train_resolution",
     "train_step",
