@@ -111,6 +111,7 @@ TRAINER_FLAGS: tuple[str, ...] = (
     "device",
     "compile",
     "compile_mode",
+    "cuda_graphs",
     "precision",
     "batch_size",
     "lr",
@@ -150,6 +151,12 @@ def _trainer_flag_specs(command: str) -> dict[str, dict[str, Any]]:
             "choices": COMPILE_MODES,
             "help": "torch.compile mode with --compile; reduce-overhead: CUDA graphs (small nets "
             "on a GPU)",
+        },
+        "cuda_graphs": {
+            "action": argparse.BooleanOptionalAction,
+            "help": "capture the whole training step (forward, backward, SGD update) as one CUDA "
+            "graph and replay it; no host synchronisation per step (GPU only; on a CPU the same "
+            "step runs eagerly)",
         },
         "precision": {
             "choices": PRECISIONS,
