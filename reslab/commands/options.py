@@ -22,22 +22,29 @@ from typing import Any, TypeVar
 
 import torch
 
+from reslab.data.feed import LOADERS
+from reslab.data.training import AUGMENTS
 from reslab.train import PRESETS, TrainConfig
 from reslab.train.config import COMPILE_MODES, DEVICES, PRECISIONS
 
 __all__ = [
+    "DATA_FLAGS",
     "DEFAULT_RECIPES",
     "MAX_SEED",
     "TRAINER_FLAGS",
+    "add_data_options",
     "add_run_folder_options",
     "add_trainer_options",
     "check_train_resume",
     "class_names",
+    "data_options",
     "fraction",
     "nonnegative_float",
     "nonnegative_int",
     "positive_float",
     "positive_int",
+    "refuse_data_flags_on_resume",
+    "resize_side",
     "resume_config",
     "seed",
     "train_config",
@@ -88,6 +95,21 @@ jpeg_quality = _checked("jpeg_quality", int, lambda v: 1 <= v <= 100, "an intege
 seed = _checked("seed", int, lambda v: 0 <= v <= MAX_SEED, "an integer", "in [0, 2**63 - 1]")
 
 
+def resize_side(text: str) -> int | str | None:
+    """argparse type of --resize: a side in pixels (>= 1), "none" or "auto"."""
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a side in pixels, 'none' or 'auto', got {text!r}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
 def class_names(text: str) -> list[str]:
     """argparse type: comma-separated class names, each non-empty and named once."""
     names = [name.strip() for name in text.split(",")]
@@ -118,6 +140,7 @@ TRAINER_FLAGS: tuple[str, ...] = (
     "sync_bn",
     "threads",
     "eval_every",
+    "augmentation",
 )
 
 #: The preset a command trains with when --recipe is not given and the data is not the digits
@@ -182,6 +205,12 @@ def _trainer_flag_specs(command: str) -> dict[str, dict[str, Any]]:
             "metavar": "STEPS",
             "help": "optimiser steps between evaluations and checkpoints; 0: once per epoch",
         },
+        "augmentation": {
+            "choices": AUGMENTS,
+            "help": "cifar: pad + crop + flip; photo: RandomResizedCrop + flip; imagenet: "
+            "shorter side in [256, 480], crop, flip, PCA colour; auto (default): cifar up to "
+            "96 px, photo above",
+        },
     }
 
 
@@ -203,6 +232,73 @@ def add_trainer_options(
         if dest in only:
             target = length if dest in ("iters", "epochs") else group
             target.add_argument(f"--{dest.replace('_', '-')}", default=None, **specs[dest])
+
+
+#: Every data flag's destination: how a source is read (``data_options`` turns them into
+#: :func:`reslab.data.training.open_data`'s keyword arguments).
+DATA_FLAGS: tuple[str, ...] = ("loader", "image_size", "resize", "skip_bad", "workers")
+
+
+def add_data_options(
+    parser: argparse.ArgumentParser, *, only: Collection[str] = DATA_FLAGS
+) -> None:
+    """Add the data flags (``only`` a subset) to ``parser``."""
+    group = parser.add_argument_group("data options", "how the data is read")
+    specs: dict[str, dict[str, Any]] = {
+        "loader": {
+            "choices": LOADERS,
+            "default": "auto",
+            "help": "memory: decode once into memory (small images of one size); stream: "
+            "decode each batch in worker processes; auto (default): picked from the data, "
+            "and said which",
+        },
+        "image_size": {
+            "type": positive_int,
+            "metavar": "N",
+            "help": "the model's input side (default: the data's own size in memory, else the "
+            "model's input size, e.g. 224 for resnet50, 32 for cifar_resnet20)",
+        },
+        "resize": {
+            "type": resize_side,
+            "default": "auto",
+            "metavar": "SIDE|none|auto",
+            "help": "evaluation view: resize the shorter side to SIDE, then crop the centre "
+            "--image-size; none: resize straight to --image-size (aspect not kept); auto "
+            "(default): the model's crop ratio (256 for 224, as He et al. and timm)",
+        },
+        "skip_bad": {
+            "action": "store_true",
+            "help": "leave unreadable images out (listed, and counted in summary.json) instead "
+            "of stopping with an error that names the first",
+        },
+        "workers": {
+            "type": nonnegative_int,
+            "metavar": "N",
+            "help": "DataLoader worker processes of the streaming loader (default: one per "
+            "core, at most 8)",
+        },
+    }
+    for dest in DATA_FLAGS:
+        if dest in only:
+            group.add_argument(f"--{dest.replace('_', '-')}", **specs[dest])
+
+
+def refuse_data_flags_on_resume(args: argparse.Namespace, run_dir: Path) -> None:
+    """--resume reads the data as the run did (its config.json and checkpoint): only
+    --workers may change."""
+    defaults = {"loader": "auto", "image_size": None, "resize": "auto", "skip_bad": False}
+    given = [f"--{d.replace('_', '-')}" for d, v in defaults.items()
+             if getattr(args, d, v) != v]  # fmt: skip
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} cannot be given with --resume: the run reads its data as it "
+            f"did ({run_dir / 'config.json'} and its checkpoint's input); --workers can change"
+        )
+
+
+def data_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The data flags this parser has, as :func:`reslab.data.training.open_data` arguments."""
+    return {dest: getattr(args, dest) for dest in DATA_FLAGS if hasattr(args, dest)}
 
 
 def add_run_folder_options(parser: argparse.ArgumentParser, *, default_out: str) -> None:
@@ -229,9 +325,21 @@ def trainer_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def train_config(args: argparse.Namespace, *, command: str, data: str | None) -> TrainConfig:
     """The recipe (``--recipe``, else the digits preset for the digits, else the command's
-    default) with the given trainer flags applied."""
+    default) with the given trainer flags applied. A --batch-size without --lr scales the
+    recipe's learning rate with it (the linear scaling rule, Goyal et al. 2017: lr x k for
+    k times the batch), and says so."""
     recipe = args.recipe or ("digits" if data == "digits" else DEFAULT_RECIPES[command])
-    return TrainConfig.preset(recipe, **trainer_overrides(args))
+    overrides = trainer_overrides(args)
+    base = TrainConfig.preset(recipe)
+    if "batch_size" in overrides and "lr" not in overrides:
+        overrides["lr"] = base.lr * overrides["batch_size"] / base.batch_size
+        if overrides["lr"] != base.lr:
+            print(
+                f"lr {overrides['lr']:g}: the {recipe} recipe's {base.lr:g} at batch "
+                f"{base.batch_size}, scaled linearly to batch {overrides['batch_size']}",
+                flush=True,
+            )
+    return TrainConfig.preset(recipe, **overrides)
 
 
 # -- --resume ------------------------------------------------------------------------------------

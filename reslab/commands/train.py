@@ -13,21 +13,29 @@ from typing import Any
 import torch
 from torch import nn
 
+from reslab.commands.datasets import model_input, reopen_data, say_data
 from reslab.commands.options import (
+    add_data_options,
     add_run_folder_options,
     add_trainer_options,
     check_train_resume,
+    data_options,
     nonnegative_int,
+    refuse_data_flags_on_resume,
     resume_config,
     train_config,
 )
-from reslab.data import DataSplits, load_data
+from reslab.data import Normalize
+from reslab.data.reading import open_data
+from reslab.data.training import TrainingData
 from reslab.models import DenseConfig, build_model, get_config
 from reslab.train import TrainConfig, TrainingInterrupted, evaluate, fit
 from reslab.train.checkpoint import find_checkpoint, load_checkpoint, load_model
 from reslab.train.config import DEVICES
+from reslab.train.evaluation import evaluate_crops
 
 DEFAULT_MODEL = "cifar_resnet20"
+CROPS = ("1", "10", "multiscale")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -40,17 +48,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data",
         default=None,
-        help="'digits' (default), a CIFAR python folder/.tar.gz, or an image folder/.zip "
-        "with train/ and test/",
+        help="'digits' (default), a CIFAR python folder/.tar.gz, an image folder/.zip with "
+        "train/ (and val/, test/), a CSV/TSV list of path,label, or packed shards",
     )
     p.add_argument(
         "--val-size",
         type=nonnegative_int,
         default=None,
-        help="images held out of train for validation (default 1/10)",
+        help="images held out of train for validation when the data has no val/ (default 1/10)",
     )
     add_run_folder_options(p, default_out="runs/MODEL-DATA-TIME")
     add_trainer_options(p, command="train")
+    add_data_options(p)
     p.set_defaults(func=run_train)
 
     p = sub.add_parser("eval", help="test accuracy, per-class accuracy, confusion matrix")
@@ -64,64 +73,86 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="average over each image and its mirror (default: as the run evaluated, eval_flip)",
     )
+    p.add_argument(
+        "--crops",
+        choices=CROPS,
+        default="1",
+        help="1 (default): the run's evaluation view (resize + centre crop); 10: four corners "
+        "and centre, and their mirrors; multiscale: the whole image through the fully "
+        "convolutional network at shorter sides {224, 256, 384, 480, 640} x size/224, and "
+        "mirrors (He et al. 2015, 3.4)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_data_options(p, only=("loader", "skip_bad", "workers"))
     p.set_defaults(func=run_eval)
 
 
-def _model_for(name: str, splits: DataSplits) -> nn.Module:
+def _model_for(name: str, data: TrainingData) -> nn.Module:
     """The registered model, with its input and classifier sized to the data."""
     base = get_config(name)
     if isinstance(base, DenseConfig):
-        features = splits.in_channels * splits.image_size**2
+        h, w = data.image_size
+        features = data.in_channels * h * w
         return build_model(
             dataclasses.replace(
-                base, widths=(features, *base.widths[1:]), num_classes=splits.num_classes
+                base, widths=(features, *base.widths[1:]), num_classes=data.num_classes
             )
         )
     return build_model(
-        dataclasses.replace(base, in_channels=splits.in_channels, num_classes=splits.num_classes)
+        dataclasses.replace(base, in_channels=data.in_channels, num_classes=data.num_classes)
     )
 
 
 def run_train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         return _resume(args)
-    data = args.data or "digits"
+    spec = args.data or "digits"
     name = args.model or DEFAULT_MODEL
-    cfg = train_config(args, command="train", data=data)
+    cfg = train_config(args, command="train", data=spec)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    splits = load_data(data, val_size=args.val_size, verbose=True)
+    opts = data_options(args)
+    data = open_data(spec, val_size=args.val_size, default_cfg=model_input(name), verbose=True,
+                     **opts)  # fmt: skip
+    say_data(data)
     torch.manual_seed(cfg.seed)  # the initial weights
-    model = _model_for(name, splits)
+    model = _model_for(name, data)
     out = args.out
     if out is None:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ValueError("under torchrun pass --out RUN_DIR (every rank must agree on it)")
-        out = Path("runs") / f"{name}-{splits.name.split('.')[0]}-{time.strftime('%Y%m%d-%H%M%S')}"
-    info = {"model_name": name, "data_spec": data, "val_size": args.val_size}
-    print(f"train {name} on {splits.name} ({len(splits.train)} train / {len(splits.val)} val / "
-          f"{len(splits.test)} test), recipe {cfg.recipe}, run folder {out}")  # fmt: skip
-    return _fit(model, splits, cfg, out, info, resume=False)
+        out = Path("runs") / f"{name}-{data.name.split('.')[0]}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # what `--resume` and `reslab eval` need to read the data the same way again
+    opts["loader"] = data.loader.kind
+    info = {"model_name": name, "data_spec": spec, "val_size": args.val_size,
+            "data_options": opts}  # fmt: skip
+    print(f"train {name} on {data.name} ({data.split_size('train')} train / "
+          f"{data.split_size('val')} val / {data.split_size('test')} test), recipe "
+          f"{cfg.recipe}, run folder {out}")  # fmt: skip
+    return _fit(model, data, cfg, out, info, resume=False)
 
 
 def _resume(args: argparse.Namespace) -> int:
     run_dir: Path = args.resume
     saved, cfg = resume_config(args, run_dir)
     check_train_resume(run_dir, saved)  # a fine-tuning run needs its own groups and schedule
+    refuse_data_flags_on_resume(args, run_dir)
     spec = args.data or saved["data_spec"]
-    splits = load_data(spec, val_size=saved.get("val_size"), verbose=True)
-    ckpt = load_checkpoint(find_checkpoint(run_dir, prefer="checkpoint_latest.pt"))
-    model = load_model(find_checkpoint(run_dir, prefer="checkpoint_latest.pt")).train()
+    latest = find_checkpoint(run_dir, prefer="checkpoint_latest.pt")
+    ckpt = load_checkpoint(latest)
+    data = reopen_data(spec, saved, ckpt.get("input_config"), workers=args.workers)
+    say_data(data)
+    model = load_model(latest).train()
     # config.json is rewritten: it must name the data this process reads (a moved file)
-    info = {**{k: saved.get(k) for k in ("model_name", "val_size")}, "data_spec": spec}
+    info = {**{k: saved.get(k) for k in ("model_name", "val_size", "data_options")},
+            "data_spec": spec}  # fmt: skip
     print(f"resume {run_dir} at step {ckpt['step']}")
-    return _fit(model, splits, cfg, run_dir, info, resume=True)
+    return _fit(model, data, cfg, run_dir, info, resume=True)
 
 
 def _fit(
     model: nn.Module,
-    splits: DataSplits,
+    data: TrainingData,
     cfg: TrainConfig,
     out: Path,
     info: dict[str, Any],
@@ -129,7 +160,7 @@ def _fit(
     resume: bool,
 ) -> int:
     try:
-        result = fit(model, splits, cfg, out, resume=resume, run_info=info, verbose=True)
+        result = fit(model, data, cfg, out, resume=resume, run_info=info, verbose=True)
     except TrainingInterrupted as exc:
         print(f"reslab train: {exc}", flush=True)
         return 128 + exc.signum
@@ -145,11 +176,15 @@ def _fit(
             f"({s['train_seconds']:.0f} s of training, {s['images_per_second']:.0f} img/s)  "
             f"-> {out}"
         )
+        if s.get("skipped"):
+            print(f"skipped {s['skipped']} unreadable image(s), listed in {out}/summary.json")
     return 0
 
 
 def format_report(report: dict[str, Any], classes: list[str]) -> str:
-    tta = " with flip test-time augmentation" if report.get("flip") else ""
+    views = {"10": " with 10 crops", "multiscale": " multi-scale, fully convolutional"}
+    tta = views.get(report.get("crops", "1"), "")
+    tta = tta or (" with flip test-time augmentation" if report.get("flip") else "")
     lines = [
         f"{report['split']} accuracy{tta}: {100 * report['accuracy']:.2f}% (n={report['n']})",
         "",
@@ -174,8 +209,12 @@ def run_eval(args: argparse.Namespace) -> int:
     spec = args.data or saved.get("data_spec")
     if spec is None:
         raise ValueError("--data is needed (no config.json next to the checkpoint)")
-    # the run's own train/val split: with another val_size, "val" would hold training images
-    splits = load_data(spec, classes=ckpt["classes"], val_size=saved.get("val_size"))
+    # the run's own train/val split and classes: with another val_size, "val" would hold
+    # training images; streamed data at the checkpoint's own input (size, resize, crop)
+    data = reopen_data(spec, saved, ckpt.get("input_config"), classes=ckpt["classes"],
+                       loader=None if args.loader == "auto" else args.loader,
+                       skip_bad=args.skip_bad or None, workers=args.workers)  # fmt: skip
+    say_data(data, err=True)
     model = load_model(path)
     device = "cuda" if args.device == "cuda" or (
         args.device == "auto" and torch.cuda.is_available()
@@ -184,9 +223,20 @@ def run_eval(args: argparse.Namespace) -> int:
     flip = args.flip
     if flip is None:
         flip = bool(ckpt.get("train_config", {}).get("eval_flip", False))
-    split = getattr(splits, args.split)
-    report = evaluate(model, split, device=device, flip=flip, progress=None, desc=args.split)
+    if args.crops == "1":
+        batches = data.eval_batches(args.split, batch_size=256, device=torch.device(device))
+        report = evaluate(model, batches, device=device, flip=flip, progress=None,
+                          desc=args.split)  # fmt: skip
+    else:
+        cfg = getattr(model, "input_config", None)
+        if cfg is None:  # a checkpoint from before input configs: the data's own input
+            norm = getattr(model, "input_norm", None) or Normalize.identity(data.in_channels)
+            cfg = data.input.with_normalization(norm)
+        report = evaluate_crops(model, data.images(args.split), cfg, args.crops, progress=None,
+                                desc=args.split)  # fmt: skip
+        flip = True  # both protocols average each view with its mirror
     report = {"checkpoint": str(path), "data": spec, "split": args.split, "step": ckpt["step"],
-              "flip": flip, "classes": splits.classes, **report}  # fmt: skip
-    print(json.dumps(report) if args.json else format_report(report, splits.classes))
+              "flip": flip, "crops": args.crops, "loader": data.loader.kind,
+              "skipped": len(data.skipped), "classes": data.classes, **report}  # fmt: skip
+    print(json.dumps(report) if args.json else format_report(report, data.classes))
     return 0

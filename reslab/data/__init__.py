@@ -219,9 +219,8 @@ def load_data(
         n_val = n // 10 if val_size is None else val_size
         if not 0 <= n_val < n:
             raise ValueError(f"val_size must be in [0, {n}), got {n_val}")
-        if raw.notes:  # an image source without val/: say what was held out
-            notes = [m for m in notes if not m.startswith("val:")]
-            notes.append(f"val: {n_val} images held out of train/ at random (seed {seed})")
+        notes = [m for m in notes if not m.startswith("val:")]
+        notes.append(f"val: {n_val} images held out of train/ at random (seed {seed})")
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=g)
     val_idx, train_idx = torch.sort(perm[:n_val]).values, torch.sort(perm[n_val:]).values

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -122,15 +122,43 @@ class InputConfig:
         crop_pct = float(cfg.get("crop_pct", 0.875))
         interp = cfg.get("interpolation", "bilinear")
         interp = interp if interp in INTERPOLATIONS else "bilinear"  # timm's "random" etc.
+        squash = cfg.get("crop_mode") == "squash"  # timm: resize both sides, then the crop
         return cls(
             channels=int(c),
             size=(int(h), int(w)),
-            resize=math.floor(min(h, w) / crop_pct) if crop_pct < 1 else None,
+            # timm resizes the shorter side to floor(size / crop_pct) whatever crop_pct is, so
+            # crop_pct 1 (CIFAR stems) is shorter side = size + centre crop, not a squash
+            resize=None if squash else math.floor(min(h, w) / crop_pct),
             crop="center",
             interpolation=interp,
             mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
             std=tuple(cfg.get("std", IMAGENET_STD)),
         )
+
+    def with_normalization(self, norm: Normalize) -> InputConfig:
+        """This config normalised as ``norm`` (statistics fitted to the training images, or a
+        pretrained network's): "channel" mean/std, "pixel" mean, or "none"."""
+        if norm.mode == "pixel":
+            return replace(
+                self,
+                normalize="pixel",
+                pixel_mean=norm.mean.detach().float().cpu().clone(),
+                mean=tuple(norm.mean.float().mean((1, 2)).tolist()),
+                std=(1.0,) * self.channels,
+            )
+        if norm.mode == "channel":
+            mean, std = tuple(norm.mean.flatten().tolist()), tuple(norm.std.flatten().tolist())
+            return replace(self, normalize="channel", mean=mean, std=std, pixel_mean=None)
+        if norm.mode != "none":
+            raise ValueError(f"unknown normalisation mode {norm.mode!r}")
+        return replace(self, normalize="none", pixel_mean=None)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready (the per-pixel mean as its shape): config.json's record of the input."""
+        d = self.to_dict()
+        if self.pixel_mean is not None:
+            d["pixel_mean"] = f"tensor of shape {list(self.pixel_mean.shape)} (in the checkpoint)"
+        return d
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (and ``pixel_mean`` as a tensor), for checkpoints."""

@@ -1,12 +1,11 @@
 """Training: the paper's CIFAR protocol and a fast CPU recipe, with exact resume and DDP."""
 
-from reslab.train.batches import InMemoryBatches, TrainingBatches
 from reslab.train.captured import TrainStep
 from reslab.train.config import PRESETS, TrainConfig
 from reslab.train.evaluation import evaluate
 from reslab.train.loop import FitResult, TrainingInterrupted, fit
 from reslab.train.packed import MemberBatches, MemberState, PackedSGD
-from reslab.train.schedule import learning_rate, train_resolution
+from reslab.train.schedule import learning_rate, train_resolution, train_size
 from reslab.train.setup import resolve_device
 from reslab.train.state import RunState
 from reslab.train.step import NonFiniteLossError, train_step
@@ -14,7 +13,6 @@ from reslab.train.step import NonFiniteLossError, train_step
 __all__ = [
     "PRESETS",
     "FitResult",
-    "InMemoryBatches",
     "MemberBatches",
     "MemberState",
     "NonFiniteLossError",
@@ -22,12 +20,12 @@ __all__ = [
     "RunState",
     "TrainConfig",
     "TrainStep",
-    "TrainingBatches",
     "TrainingInterrupted",
     "evaluate",
     "fit",
     "learning_rate",
     "resolve_device",
     "train_resolution",
+    "train_size",
     "train_step",
 ]

@@ -2,7 +2,9 @@
 
 Every checkpoint reslab writes carries ``format_version`` (:data:`FORMAT_VERSION`); a reader
 refuses versions newer than it knows. Version 1 is the layout before the field existed (files
-without it); version 2 keeps the training data's position under ``batches``.
+without it); version 2 keeps the training data's position under ``batches``; version 3 adds
+``input_config`` (:class:`~reslab.data.InputConfig`: what evaluation, ``predict`` and export do
+to an image) and keeps the data position as (epoch, batch) instead of a permutation.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch import nn
 
 from reslab._io import atomic_path
 from reslab.data.augment import Normalize
+from reslab.data.presets import InputConfig
 from reslab.models import DenseConfig, DenseResNet, ResNetConfig, build_model
 
 __all__ = [
@@ -28,12 +31,13 @@ __all__ = [
     "model_config",
     "model_record",
     "save_checkpoint",
+    "set_input",
     "set_input_norm",
 ]
 
 LATEST = "checkpoint_latest.pt"  # the newest state, for --resume
 BEST = "checkpoint_best.pt"  # the lowest validation error so far
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -99,17 +103,26 @@ def set_input_norm(model: nn.Module, norm: Normalize) -> None:
     model.input_norm = norm  # type: ignore[assignment]  # nn.Module's typing: Tensor/Module only
 
 
+def set_input(model: nn.Module, cfg: InputConfig) -> None:
+    """Attach the input a network takes (``input_config``) and its normalisation (``input_norm``),
+    both carried by its checkpoints."""
+    model.input_config = cfg  # type: ignore[assignment]  # as in set_input_norm
+    set_input_norm(model, cfg.normalizer())
+
+
 def model_record(model: nn.Module) -> dict[str, Any]:
     """The entries that rebuild ``model``: its weights (no ``module.``/``_orig_mod.`` prefix since
     the raw module is saved), config, kind and input normalisation."""
     kind = "dense" if isinstance(model, DenseResNet) else "resnet"
     norm = getattr(model, "input_norm", None)
+    cfg = getattr(model, "input_config", None)
     return {
         "format_version": FORMAT_VERSION,
         "model": model.state_dict(),
         "model_config": model_config(model).to_dict(),
         "model_kind": kind,
         "normalization": norm.to_dict() if norm is not None else None,
+        "input_config": cfg.to_dict() if cfg is not None else None,
     }
 
 
@@ -117,12 +130,16 @@ def load_model(path: str | Path) -> nn.Module:
     """Rebuild the network saved in a checkpoint (or a run folder's best checkpoint), in eval mode.
 
     The returned model carries ``input_norm`` (the training set's normalisation), which
-    :func:`reslab.train.evaluate` applies to uint8 images.
+    :func:`reslab.train.evaluate` applies to uint8 images, and, for checkpoints of format 3 on,
+    ``input_config`` (the evaluation transform of training; None in older ones).
     """
     ckpt = load_checkpoint(find_checkpoint(Path(path)))
     config_cls = DenseConfig if ckpt["model_kind"] == "dense" else ResNetConfig
     model = build_model(config_cls.from_dict(ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
-    if ckpt.get("normalization") is not None:
+    model.input_config = None  # type: ignore[assignment]  # as in set_input_norm
+    if ckpt.get("input_config") is not None:
+        set_input(model, InputConfig.from_dict(ckpt["input_config"]))
+    elif ckpt.get("normalization") is not None:
         set_input_norm(model, Normalize.from_dict(ckpt["normalization"]))
     return model.eval()

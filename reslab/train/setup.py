@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from reslab.data import Normalize
-from reslab.train.checkpoint import BEST, LATEST, holds_run, load_checkpoint, set_input_norm
+from reslab.data import InputConfig, Normalize
+from reslab.train.checkpoint import BEST, LATEST, holds_run, load_checkpoint, set_input
 from reslab.train.config import TrainConfig
 from reslab.train.distributed import DistInfo, convert_sync_batchnorm, setup_distributed
 
@@ -68,19 +68,19 @@ def place(cfg: TrainConfig) -> Placement:
 
 
 def prepare_model(
-    model: nn.Module, cfg: TrainConfig, where: Placement, train_images: Tensor
+    model: nn.Module, cfg: TrainConfig, where: Placement, input_cfg: InputConfig
 ) -> Normalize:
     """Move ``model`` to the device in the configured memory layout, synchronise its BatchNorm
-    over the ranks if asked, and attach the training images' normalisation as ``input_norm``
-    (what evaluation and saved checkpoints apply to uint8 images). Returns that normalisation."""
+    over the ranks if asked, and attach ``input_cfg`` (the evaluation transform and the
+    normalisation that evaluation and saved checkpoints apply to uint8 images) as
+    ``input_config`` and ``input_norm``. Returns that normalisation."""
     model.to(where.device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     if cfg.sync_bn and where.dist.world_size > 1:
         convert_sync_batchnorm(model, cuda=where.device.type == "cuda")
-    norm = Normalize.fit(train_images, cfg.normalize)
-    set_input_norm(model, norm)
-    return norm
+    set_input(model, input_cfg)
+    return model.input_norm  # type: ignore[return-value]  # set just above
 
 
 def wrap_model(model: nn.Module, cfg: TrainConfig, where: Placement) -> nn.Module:

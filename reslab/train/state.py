@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from reslab.train.batches import TrainingBatches
+from reslab.data.feed import TrainingBatches
 from reslab.train.step import StepStats
 
 __all__ = ["WARMUP_WINDOW", "RunState", "Window"]
@@ -40,8 +41,7 @@ class RunState:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    batches: TrainingBatches
-    generator: torch.Generator  # data order and augmentation (the batches draw from it)
+    batches: TrainingBatches  # data order and augmentation: a function of seed and position
     warming: bool = False  # He et al. 2015 §4.2's warm-up at warmup_lr is on
     step: int = 0  # optimiser steps done
     recent_errors: list[float] = field(default_factory=list)  # the last WARMUP_WINDOW errors
@@ -103,7 +103,6 @@ class RunState:
             "train_seconds": self.train_seconds,
             "images": self.images,
             "rng": {
-                "data": self.generator.get_state(),
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             },
@@ -115,7 +114,7 @@ class RunState:
         if state["scaler"]:  # empty: the disabled scaler of an fp32 run; fp16 starts a new scale
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
-        self.batches.load_state_dict(state["batches"])
+        self._load_position(state.get("batches"))
         self.warming = bool(state["warming"])
         self.recent_errors = list(state["recent_errors"])
         self.history = list(state["history"])
@@ -126,10 +125,25 @@ class RunState:
         self.train_seconds = float(state["train_seconds"])
         self.images = int(state["images"])
         rng = state["rng"]
-        self.generator.set_state(rng["data"])
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] and torch.cuda.is_available():
             # the devices both machines have: a checkpoint from one with more visible GPUs must
             # resume on one with fewer (set_rng_state_all would index past the last device)
             for index, state_ in enumerate(rng["cuda"][: torch.cuda.device_count()]):
                 torch.cuda.set_rng_state(state_, index)
+
+    def _load_position(self, position: dict[str, Any] | None) -> None:
+        """The training data's position; a checkpoint of format 1 or 2 holds the permutation of
+        the data order reslab drew then from a generator instead, which these batches do not
+        use: the run continues at the same step, with this version's data order."""
+        if position is not None and "epoch" in position:
+            self.batches.load_state_dict(position)
+            return
+        self.batches.seek(self.step)
+        warnings.warn(
+            f"the checkpoint (format 1 or 2) holds the data order of an older reslab: training "
+            f"continues at step {self.step} with the weights, optimiser and schedule as saved, "
+            "but the images of the remaining steps are drawn in this version's order, not the "
+            "one the older version would have drawn",
+            stacklevel=3,
+        )

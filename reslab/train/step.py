@@ -76,13 +76,19 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def model_inputs(
-    images: Tensor, norm: Normalize, *, side: int | None = None, channels_last: bool = False
+    images: Tensor,
+    norm: Normalize,
+    *,
+    side: int | tuple[int, int] | None = None,
+    channels_last: bool = False,
 ) -> Tensor:
-    """The network's input from a uint8 batch: normalised, resized to ``side`` (progressive
-    resizing; antialiased, like a real smaller image), in the memory layout the model uses."""
+    """The network's input from a uint8 batch: normalised, resized to ``side`` (a square's side
+    or (H, W): progressive resizing; antialiased, like a real smaller image), in the memory
+    layout the model uses."""
     x = norm(images)
-    if side is not None and side != x.shape[-1]:
-        x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True)
+    size = (side, side) if isinstance(side, int) else side
+    if size is not None and tuple(size) != tuple(x.shape[-2:]):
+        x = F.interpolate(x, size=size, mode="bilinear", antialias=True)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x

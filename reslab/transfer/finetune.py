@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from reslab.data.augment import Normalize
 from reslab.models import DenseConfig, ResNetConfig, build_model, get_config
 from reslab.transfer.freeze import (
     NONE,
@@ -27,7 +28,14 @@ from reslab.transfer.freeze import (
 from reslab.transfer.load import LoadReport, load_pretrained
 from reslab.transfer.weights import read_weights
 
-__all__ = ["FinetuneOptions", "finetune", "pretrained_model", "resume_finetune"]
+__all__ = [
+    "FinetuneOptions",
+    "finetune",
+    "pretrained_model",
+    "resume_finetune",
+    "source_input",
+    "source_normalization",
+]
 
 NEW_MODULES = ("fc",)  # trained at the full learning rate: the (replaced) classifier
 
@@ -70,7 +78,7 @@ def pretrained_model(
     file's input layer fits ``in_channels`` x H x W features (a dense first layer is not adapted).
     """
     weights = read_weights(path, sha256=sha256)
-    new = {"num_classes": num_classes, "in_channels": in_channels}
+    new: dict[str, Any] = {"num_classes": num_classes, "in_channels": in_channels}
     if model is not None:
         config = get_config(model)
         if isinstance(config, DenseConfig):
@@ -116,6 +124,47 @@ def _dense_config(
     return dataclasses.replace(config, widths=widths, num_classes=num_classes)
 
 
+def source_input(path: str | Path, model: str | None = None) -> dict[str, Any] | None:
+    """The input the weights in ``path`` were trained on, as timm's ``default_cfg`` keys
+    (``input_size``, ``crop_pct``, ``interpolation``, ``mean``, ``std``): a reslab checkpoint's
+    own input config, else the registered ``model``'s (ImageNet's for the ImageNet ResNets,
+    which torchvision and timm files are), else its architecture's; None for dense networks.
+    Fine-tuning takes its input size and evaluation view from here unless told otherwise."""
+    from reslab.models.resnet import default_cfg
+
+    if model is not None:
+        config = get_config(model)
+        return default_cfg(config) if isinstance(config, ResNetConfig) else None
+    meta = read_weights(path).meta
+    saved = meta.get("input_config")
+    if saved is not None:
+        h, w = saved["size"]
+        return {
+            "input_size": (saved["channels"], h, w),
+            "crop_pct": min(h, w) / saved["resize"] if saved.get("resize") else 1.0,
+            "crop_mode": "squash" if saved.get("resize") is None else "center",
+            "interpolation": saved["interpolation"],
+            "mean": tuple(saved["mean"]),
+            "std": tuple(saved["std"]),
+        }
+    if meta.get("model_kind", "resnet") == "resnet" and "model_config" in meta:
+        return default_cfg(ResNetConfig.from_dict(meta["model_config"]))
+    return None
+
+
+def source_normalization(net: nn.Module, report: LoadReport) -> Normalize | None:
+    """How inputs are normalised for fine-tuning: a torchvision or timm network with the mean and
+    std its weights were trained with (its ``pretrained_cfg``, ImageNet's), since the pretrained
+    first layer expects them; None (the new data's own statistics, as training from scratch) for
+    reslab checkpoints, whose statistics were fitted to their own data, and dense networks."""
+    cfg = getattr(net, "pretrained_cfg", None)
+    if report.format == "reslab" or cfg is None:
+        return None
+    shape = (len(cfg["mean"]), 1, 1)
+    mean, std = torch.tensor(cfg["mean"]).view(shape), torch.tensor(cfg["std"]).view(shape)
+    return Normalize("channel", mean, std)
+
+
 def finetune(
     path: str | Path,
     splits: Any,
@@ -127,18 +176,22 @@ def finetune(
     run_info: dict[str, Any] | None = None,
     verbose: bool | None = None,
 ) -> Any:
-    """Fine-tune the weights in ``path`` on ``splits`` (a ``reslab.data.DataSplits``) with the
-    trainer config ``cfg``; returns ``reslab.train.fit``'s ``FitResult``. ``out_dir`` becomes the
-    same run folder ``reslab train`` writes, with the load report (and ``run_info``) in its
-    config.json."""
+    """Fine-tune the weights in ``path`` on ``splits`` (``reslab.data.DataSplits`` in memory, or
+    any ``reslab.data.training.TrainingData``) with the trainer config ``cfg``; returns
+    ``reslab.train.fit``'s ``FitResult``. ``out_dir`` becomes the same run folder ``reslab
+    train`` writes, with the load report (and ``run_info``) in its config.json. Inputs are
+    normalised as :func:`source_normalization` says."""
+    from reslab.data.training import as_training_data
+
+    data = as_training_data(splits)
     torch.manual_seed(cfg.seed)  # the new head's initial weights, as `reslab train` seeds its own
     net, report = pretrained_model(
         path,
-        num_classes=splits.num_classes,
-        in_channels=splits.in_channels,
+        num_classes=data.num_classes,
+        in_channels=data.in_channels,
         model=model,
         sha256=options.sha256,
-        image_size=(int(splits.train.images.shape[-2]), int(splits.train.images.shape[-1])),
+        image_size=data.image_size,
     )
     # before fit writes config.json: a bad part must not leave a run folder behind
     if getattr(net, "stage_names", None) is None and options.freeze_until != NONE:
@@ -164,7 +217,8 @@ def finetune(
     }
     if verbose or (verbose is None and out_dir is not None):
         print(report, flush=True)
-    return _fit(net, splits, cfg, out_dir, info, resume=False, verbose=verbose)
+    norm = source_normalization(net, report)
+    return _fit(net, data, cfg, out_dir, info, resume=False, verbose=verbose, normalization=norm)
 
 
 def resume_finetune(
@@ -204,6 +258,7 @@ def _fit(
     *,
     resume: bool,
     verbose: bool | None,
+    normalization: Normalize | None = None,
 ) -> Any:
     """``fit`` with the parameter groups and freeze schedule that ``info["finetune"]`` records,
     so a resumed run rebuilds exactly the optimiser and schedule of the first."""
@@ -227,4 +282,5 @@ def _fit(
         resume=resume,
         run_info=info,
         verbose=verbose,
+        normalization=normalization,
     )
