@@ -8,7 +8,7 @@ from reslab.train.packed import MemberBatches, MemberState, PackedSGD
 from reslab.train.schedule import learning_rate, train_resolution, train_size
 from reslab.train.setup import resolve_device
 from reslab.train.state import RunState
-from reslab.train.step import NonFiniteLossError, train_step
+from reslab.train.step import NonFiniteLossError
 
 __all__ = [
     "PRESETS",
@@ -27,5 +27,4 @@ __all__ = [
     "resolve_device",
     "train_resolution",
     "train_size",
-    "train_step",
 ]

@@ -27,7 +27,6 @@ is caught at the next evaluation by the weights check, as before.)
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,15 +36,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from reslab.train.members import MemberState, member_losses, members_view, sgd_update
-from reslab.train.step import model_inputs
+from reslab.train.step import autocast, model_inputs
 
 __all__ = ["GRAPH_WARMUP_STEPS", "StepReport", "TrainStep", "lr_table"]
 
 #: Eager steps on a side stream before a graph is captured (PyTorch's CUDA graphs notes: lazy
 #: initialisation, cuDNN's algorithm choice and autograd's streams must happen before capture).
 GRAPH_WARMUP_STEPS = 3
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def lr_table(
@@ -59,13 +56,15 @@ def lr_table(
 class StepReport:
     """What the host reads from the device: the steps since the last read and the members' state.
 
-    ``losses[i][m]`` and ``wrong[i][m]`` are member m's mean loss and misclassified images of
-    step ``first + i``; ``images[i]`` the images of that step's (global) batch.
+    ``losses[i][m]``, ``wrong[i][m]`` and ``lrs[i][m]`` are member m's mean loss, misclassified
+    images and learning rate of step ``first + i``; ``images[i]`` the images of that step's
+    (global) batch.
     """
 
     first: int
     losses: list[list[float]]
     wrong: list[list[float]]
+    lrs: list[list[float]]
     images: list[int]
     alive: list[bool]
     failed_step: list[int]
@@ -97,7 +96,8 @@ class TrainStep:
     """The training step of a run of ``members`` members (1: an ordinary run; K: a seed-packed
     network whose forward returns ``(N, K, classes)`` logits from ``(N, K*C, H, W)`` inputs).
 
-    ``model`` is the module the step calls (the network, or its DDP / ``torch.compile`` wrapper);
+    ``model`` is the module the step calls (the network, or its DDP / ``torch.compile`` wrapper;
+    ``mark_step`` when that wrapper replays CUDA graphs of its own);
     ``optimizer`` a ``torch.optim.SGD`` (its groups' hyper-parameters and momentum buffers; each
     group may carry an ``lr_scale``); ``rates`` the schedule's learning rate per step
     (:func:`lr_table`); ``state`` the members' device state; ``norm`` the input normalisation
@@ -126,6 +126,7 @@ class TrainStep:
         scaler: torch.amp.GradScaler | None = None,
         world_size: int = 1,
         graphs: bool = False,
+        mark_step: bool = False,
         step: int = 0,
     ) -> None:
         device = rates.device
@@ -151,6 +152,9 @@ class TrainStep:
         self.label_smoothing, self.precision = label_smoothing, precision
         self.channels_last, self.scaler, self.world_size = channels_last, scaler, world_size
         self.graphs = graphs
+        # torch.compile's own CUDA graphs (reduce-overhead) replay forward and backward; they
+        # must be told where a step begins
+        self.mark_step = mark_step
         self.device = device
         self.capacity = capacity
         self.step = step  # the host's count; the device has its own in `counter`
@@ -158,11 +162,12 @@ class TrainStep:
         # float64: a float64 network's losses are logged as they are, float32 ones exactly
         self.losses = torch.zeros(capacity, members, dtype=torch.float64, device=device)
         self.wrong = torch.zeros(capacity, members, dtype=torch.float64, device=device)
+        self.lrs = torch.zeros(capacity, members, dtype=torch.float64, device=device)
         self.images = torch.zeros(capacity, dtype=torch.float64, device=device)
         self.stop_flag = torch.zeros((), dtype=torch.float64, device=device)
         self._read_from = step
         self._inputs: tuple[Tensor, Tensor] | None = None
-        self._size: tuple[int, int] | int | None = None
+        self._size: tuple[int, int] | int | None = None  # progressive resizing
         self._graph: _Graph | None = None
 
     # -- the step -----------------------------------------------------------------------------
@@ -183,6 +188,8 @@ class TrainStep:
             )
         if self.world_size > 1:
             self.stop_flag.fill_(float(stop))
+        if self.mark_step:
+            torch.compiler.cudagraph_mark_step_begin()
         if self.graphs:
             self._graph_step(images, labels, size)
         else:
@@ -198,7 +205,8 @@ class TrainStep:
         images, labels = self._inputs
         k, n, state = self.members, images.shape[0], self.state
         x = model_inputs(images, self.norm, side=self._size, channels_last=self.channels_last)
-        with self._autocast(capturing):
+        # autocast's cast cache must be off while capturing (PyTorch's CUDA graphs notes)
+        with autocast(self.device, self.precision, cache_enabled=not capturing):
             logits = self.model(x)
         logits = logits.view(n, k, -1)
         labels = labels.view(n, k)
@@ -232,6 +240,7 @@ class TrainStep:
         row = (self.counter % self.capacity).view(1)
         self.losses.index_copy_(0, row, seen.view(1, k))
         self.wrong.index_copy_(0, row, wrong.view(1, k))
+        self.lrs.index_copy_(0, row, rate.view(1, k))
         self.images.index_copy_(0, row, count.view(1))
         self.counter.add_(1)
 
@@ -243,14 +252,6 @@ class TrainStep:
                 if p.grad is not None:
                     ok &= torch.isfinite(members_view(p.grad, self.members)).flatten(1).all(1)
         return ok
-
-    def _autocast(self, capturing: bool) -> contextlib.AbstractContextManager:
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        # autocast's cast cache must be off while capturing (PyTorch's CUDA graphs notes)
-        return torch.autocast(
-            self.device.type, dtype=_DTYPES[self.precision], cache_enabled=not capturing
-        )
 
     def _graph_step(
         self, images: Tensor, labels: Tensor, size: tuple[int, int] | int | None
@@ -296,17 +297,20 @@ class TrainStep:
         first, n, k = self._read_from, self.step - self._read_from, self.members
         rows = torch.arange(first, self.step, device=self.device) % self.capacity
         s = self.state
-        parts = [self.losses[rows].flatten(), self.wrong[rows].flatten(), self.images[rows],
-                 s.alive, s.failed_step, s.warming]  # fmt: skip
+        parts = [self.losses[rows].flatten(), self.wrong[rows].flatten(),
+                 self.lrs[rows].flatten(), self.images[rows], s.alive, s.failed_step,
+                 s.warming]  # fmt: skip
         flat = torch.cat([p.to(torch.float64) for p in parts]).cpu().tolist()  # one transfer
         losses, flat = flat[: n * k], flat[n * k :]
         wrong, flat = flat[: n * k], flat[n * k :]
+        lrs, flat = flat[: n * k], flat[n * k :]
         images, flat = flat[:n], flat[n:]
         self._read_from = self.step
         return StepReport(
             first=first,
             losses=[losses[i * k : (i + 1) * k] for i in range(n)],
             wrong=[wrong[i * k : (i + 1) * k] for i in range(n)],
+            lrs=[lrs[i * k : (i + 1) * k] for i in range(n)],
             images=[round(v) for v in images],
             alive=[bool(v) for v in flat[:k]],
             failed_step=[round(v) for v in flat[k : 2 * k]],
@@ -315,5 +319,5 @@ class TrainStep:
 
     def device_tensors(self) -> list[Tensor]:
         """Every tensor the step keeps between calls (a graph's replay reads these addresses)."""
-        return [self.counter, self.losses, self.wrong, self.images, self.stop_flag,
+        return [self.counter, self.losses, self.wrong, self.lrs, self.images, self.stop_flag,
                 *self.state.tensors(), self.rates]  # fmt: skip

@@ -20,7 +20,15 @@ from reslab.train.config import TrainConfig
 from reslab.train.state import RunState
 from reslab.train.step import autocast
 
-__all__ = ["evaluate", "evaluate_crops", "evaluate_point", "format_record", "summarize"]
+__all__ = [
+    "evaluate",
+    "evaluate_crops",
+    "evaluate_point",
+    "format_record",
+    "member_errors",
+    "member_errors_point",
+    "summarize",
+]
 
 
 @torch.no_grad()
@@ -204,6 +212,61 @@ def _split_report(
         if bad not in data.skipped:
             data.skipped.append(bad)
     return report
+
+
+@torch.no_grad()
+def member_errors(
+    model: nn.Module,
+    split: Split | Iterable[tuple[Tensor, Tensor]],
+    *,
+    batch_size: int = 512,
+    device: torch.device | str | None = None,
+    precision: str = "fp32",
+    channels_last: bool = False,
+    progress: bool | None = False,
+    desc: str = "eval",
+) -> list[float]:
+    """Each member's single-view error on ``split``, for a seed-packed network
+    (:class:`~reslab.models.packed.PackedNet`): every batch goes through the packed network once
+    (``forward_shared``), which computes all K members' logits; normalised by ``input_norm``."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    norm = model.input_norm  # type: ignore[union-attr]  # the trainer attaches it
+    wrong, n = torch.zeros(model.members, dtype=torch.int64), 0  # type: ignore[arg-type]
+    for raw, y in progress_bar(
+        _batches(split, batch_size), desc=desc, unit="batch", leave=False, enabled=progress,
+        total=_count(split, batch_size),
+    ):  # fmt: skip
+        x = norm(raw.to(device, non_blocking=True)).contiguous(memory_format=fmt)
+        with autocast(device, precision):
+            pred = model.forward_shared(x).argmax(-1).cpu()  # type: ignore[operator]  # (N, K)
+        wrong += (pred != y.cpu()[:, None]).sum(0)
+        n += len(y)
+    model.train(was_training)
+    return (wrong.double() / n).tolist() if n else [math.nan] * len(wrong)
+
+
+def member_errors_point(
+    model: nn.Module,
+    data: TrainingData,
+    cfg: TrainConfig,
+    device: torch.device,
+    *,
+    progress: bool | None = False,
+) -> tuple[list[float] | None, list[float] | None]:
+    """:func:`evaluate_point` of every member of a seed-packed network: (val errors, test
+    errors), each None as there (no validation split; ``cfg.eval_test`` off)."""
+    kw = _options(cfg, device, progress)
+
+    def errors(split: str) -> list[float] | None:
+        if not data.split_size(split):
+            return None
+        batches = data.eval_batches(split, batch_size=kw["batch_size"], device=device)
+        return member_errors(model, batches, desc=split, **kw)
+
+    return errors("val"), errors("test") if cfg.eval_test else None
 
 
 def format_record(r: dict[str, Any], total: int) -> str:

@@ -114,6 +114,22 @@ class MemberState:
         """Each member's rate, ``(K,)`` float64: ``warmup_lr`` while warming, else ``lr``."""
         return torch.where(self.warming, warmup_lr, lr.to(torch.float64))
 
+    def warmup_record(self, member: int, step: int) -> tuple[bool, list[float]]:
+        """Member ``member``'s warm-up state after ``step`` steps as a run's checkpoint keeps it:
+        (warming, the errors of the last WARMUP_WINDOW steps, oldest first). Reads the device."""
+        done = range(max(0, step - WARMUP_WINDOW), step)
+        errors = self.recent_errors[:, member].tolist()
+        return bool(self.warming[member]), [errors[s % WARMUP_WINDOW] for s in done]
+
+    def set_warmup_record(
+        self, member: int, step: int, *, warming: bool, recent_errors: list[float]
+    ) -> None:
+        """The inverse of :meth:`warmup_record` (a run resumed at ``step``)."""
+        self.warming[member] = warming
+        start = step - len(recent_errors)
+        for s, error in enumerate(recent_errors, start=start):
+            self.recent_errors[s % WARMUP_WINDOW, member] = error
+
     def tensors(self) -> list[Tensor]:
         return [getattr(self, f.name) for f in fields(self)]
 
