@@ -19,8 +19,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from reslab.data import Normalize
 from reslab.models import get_config
 from reslab.models.zoo import build_model
-from reslab.train import TrainConfig, learning_rate
+from reslab.train import NonFiniteLossError, TrainConfig, fit, learning_rate
 from reslab.train.captured import TrainStep, lr_table
+from reslab.train.checkpoint import LATEST
 from reslab.train.members import MemberState
 from reslab.train.step import build_optimizer
 
@@ -214,3 +215,45 @@ def test_graphs_refuse_what_a_graph_cannot_replay() -> None:
     assert not TrainStep(model, optimizer, graphs=True, **kw).graphs  # CPU: eager
     with pytest.raises(ValueError, match="does not split into 3 members"):
         TrainStep(model, optimizer, **{**kw, "members": 3})
+
+
+def test_fit_keeps_the_non_finite_promise_without_a_read_per_step(digits, tmp_path) -> None:
+    """``fit`` with ``cuda_graphs`` (on a CPU the same step, eagerly), evaluating every 5 steps:
+    a NaN loss at step 7 (a hook on the classifier) is found at the read of step 10, so steps 8
+    and 9 ran, yet the weights after them are those from before step 7; the error names step 7
+    and the last good checkpoint, which is still step 5's file, byte for byte."""
+    seen: dict = {"steps": []}
+
+    def on_step(step: int, model: nn.Module) -> None:
+        seen["steps"].append(step)
+        if step == 7:
+            seen["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+            seen["checkpoint"] = (tmp_path / LATEST).read_bytes()
+            seen["hook"] = model.fc.register_forward_hook(lambda m, a, out: out * math.nan)
+        if step == 8:
+            seen["hook"].remove()
+
+    torch.manual_seed(0)
+    model = build_model(get_config("cifar_resnet20", in_channels=1, num_classes=10))
+    cfg = TrainConfig.preset("digits", iters=20, eval_every=5, device="cpu", cuda_graphs=True)
+    with pytest.raises(NonFiniteLossError, match=r"loss \(nan\) at step 7 .*after step 6") as info:
+        fit(model, digits, cfg, tmp_path, on_step=on_step)
+    assert seen["steps"][-3:] == [7, 8, 9]  # no read between step 7 and the evaluation at 10
+    for name, p in model.named_parameters():
+        assert torch.equal(p, seen["params"][name]), name
+    assert str(tmp_path / LATEST) in str(info.value)
+    assert (tmp_path / LATEST).read_bytes() == seen["checkpoint"]
+    assert torch.load(tmp_path / LATEST, weights_only=True)["step"] == 5
+
+
+def test_fit_trains_in_bf16_and_channels_last_through_the_same_step(digits) -> None:
+    """The recipe options in the captured step's path: bf16 autocast and channels_last train
+    (finite losses that fall) and the network comes back in channels_last."""
+    torch.manual_seed(0)
+    model = build_model(get_config("cifar_resnet20", in_channels=1, num_classes=10))
+    cfg = TrainConfig.preset("digits", iters=12, eval_every=12, device="cpu", cuda_graphs=True,
+                             precision="bf16", channels_last=True)  # fmt: skip
+    result = fit(model, digits, cfg, verbose=False)
+    assert all(math.isfinite(v) for v in result.losses) and len(result.losses) == 12
+    assert sum(result.losses[-3:]) < sum(result.losses[:3])
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)

@@ -15,13 +15,13 @@ from reslab.data import DataSplits, Split
 from reslab.data.feed import InMemoryBatches, TrainingBatches
 from reslab.data.training import MemoryData
 from reslab.train import RunState, TrainConfig, evaluate
+from reslab.train.captured import TrainStep, lr_table
 from reslab.train.checkpoint import FORMAT_VERSION, load_checkpoint, model_record, save_checkpoint
 from reslab.train.distributed import DistInfo
 from reslab.train.evaluation import evaluate_point, format_record, summarize
-from reslab.train.setup import Placement, place, prepare_model
-from reslab.train.captured import TrainStep, lr_table
 from reslab.train.members import MemberState
 from reslab.train.schedule import learning_rate
+from reslab.train.setup import Placement, place, prepare_model
 from reslab.train.step import build_optimizer
 
 CPU = Placement(torch.device("cpu"), DistInfo())

@@ -34,6 +34,7 @@ __all__ = [
     "TRAINER_FLAGS",
     "add_data_options",
     "add_run_folder_options",
+    "add_seeds_option",
     "add_trainer_options",
     "check_train_resume",
     "class_names",
@@ -41,6 +42,7 @@ __all__ = [
     "fraction",
     "nonnegative_float",
     "nonnegative_int",
+    "packed_seeds",
     "positive_float",
     "positive_int",
     "refuse_data_flags_on_resume",
@@ -314,6 +316,32 @@ def add_run_folder_options(parser: argparse.ArgumentParser, *, default_out: str)
     )
 
 
+def add_seeds_option(parser: argparse.ArgumentParser) -> None:
+    """``--seeds S S ...``: train one network per seed as one seed-packed network."""
+    parser.add_argument(
+        "--seeds",
+        type=seed,
+        nargs="+",
+        metavar="SEED",
+        help="train one member per seed, all as one seed-packed network (each exactly as "
+        "--seed S would train it, up to float rounding): ordinary run folders OUT/seed-S and "
+        "OUT/summary.json with the test error's mean ± std; instead of --seed",
+    )
+
+
+def packed_seeds(args: argparse.Namespace) -> list[int] | None:
+    """The ``--seeds`` given, checked (distinct; not with ``--seed``), or None."""
+    seeds: list[int] | None = getattr(args, "seeds", None)
+    if seeds is None:
+        return None
+    if getattr(args, "seed", None) is not None:
+        raise ValueError("--seed and --seeds exclude each other: --seeds S ... sets every seed")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise ValueError(f"--seeds names seed(s) {repeated} more than once")
+    return list(seeds)
+
+
 def trainer_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The trainer flags given on the command line, as TrainConfig fields."""
     return {
@@ -353,6 +381,8 @@ def resume_config(args: argparse.Namespace, run_dir: Path) -> tuple[dict[str, An
         raise FileNotFoundError(f"not a run folder (no config.json): {run_dir}")
     if getattr(args, "seed", None) is not None:  # the checkpoint's RNG states decide, not a seed
         raise ValueError("--seed cannot be changed on --resume: the run continues its RNG states")
+    if getattr(args, "seeds", None) is not None:
+        raise ValueError("--seeds cannot be given on --resume: a packed run keeps its members")
     saved = json.loads(config_file.read_text())
     cfg = TrainConfig.from_dict({**saved["train_config"], **trainer_overrides(args)})
     if args.epochs is not None:

@@ -133,7 +133,14 @@ def load_model(path: str | Path) -> nn.Module:
     :func:`reslab.train.evaluate` applies to uint8 images, and, for checkpoints of format 3 on,
     ``input_config`` (the evaluation transform of training; None in older ones).
     """
-    ckpt = load_checkpoint(find_checkpoint(Path(path)))
+    file = find_checkpoint(Path(path))
+    ckpt = load_checkpoint(file)
+    if "packed" in ckpt:  # a seed-packed run's own state, not one network
+        members = ", ".join(f"seed-{s}" for s in ckpt["packed"]["seeds"])
+        raise ValueError(
+            f"{file} is the state of a seed-packed run (K networks in one); each member is an "
+            f"ordinary run in a folder beside it ({members}): load one of those"
+        )
     config_cls = DenseConfig if ckpt["model_kind"] == "dense" else ResNetConfig
     model = build_model(config_cls.from_dict(ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
