@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reslab.data import DataSplits, Normalize, Split, random_crop_flip
+from reslab.data import DataSplits, Normalize, Split
+from reslab.data.feed import endless
+from reslab.data.training import MemoryData
 from reslab.models import DenseConfig, ResNetConfig, build_model, get_config
 from reslab.models.packed import (
     PACKERS,
@@ -133,33 +135,26 @@ def _separate_runs(
     dtype: torch.dtype,
     poison: tuple[int, int] | None = None,
 ) -> list[dict]:
-    """K ordinary runs, each as the trainer runs it (reslab.train.loop.fit, step for step):
-    its generator, a permutation per epoch, crop+flip, torch.optim.SGD, the warm-up rule.
-    ``poison=(member, step)`` makes that member's batch NaN at that step; the run then stops
-    before the optimiser step, as the trainer does."""
+    """K ordinary runs, each as the trainer runs it (reslab.train.loop.fit, step for step): the
+    training batches of its seed, torch.optim.SGD, the warm-up rule. ``poison=(member, step)``
+    makes that member's batch NaN at that step; the run then stops before the optimiser step,
+    as a run of its own does."""
     norm = Normalize.fit(splits.train.images, cfg.normalize)
-    n, b = len(splits.train), cfg.batch_size
-    spe = cfg.steps_per_epoch(n)
+    b = cfg.batch_size
     out = []
     for m, (model, seed) in enumerate(zip(models, SEEDS, strict=True)):
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
         opt = torch.optim.SGD(_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum,
                               nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)  # fmt: skip
-        g = torch.Generator().manual_seed(seed)
-        perm: Tensor | None = None
+        batches = endless(MemberBatches.of(MemoryData(splits), [seed], cfg))
         warming = wants_warmup(cfg, model.config.depth)
         recent: list[float] = []
         losses: list[float] = []
         left_warmup = None
         for step in range(steps):
-            pos = step % spe
-            if pos == 0 or perm is None:
-                perm = torch.randperm(n, generator=g)
-            idx = perm[pos * b : (pos + 1) * b]
-            x = random_crop_flip(splits.train.images[idx], padding=cfg.pad, flip=cfg.flip,
-                                 generator=g)  # fmt: skip
-            x, y = norm(x).to(dtype), splits.train.labels[idx]
+            x, y = next(batches)
+            x, y = norm(x).to(dtype), y[:, 0]
             if poison == (m, step):
                 x = torch.full_like(x, math.nan)
             if cfg.channels_last:
@@ -200,22 +195,29 @@ def _packed_run(
     opt = torch.optim.SGD(_groups(packed, cfg), lr=cfg.lr, momentum=cfg.momentum,
                           nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)  # fmt: skip
     norm = Normalize.fit(splits.train.images, cfg.normalize)
-    batches = MemberBatches(splits.train.images, splits.train.labels, SEEDS, cfg, norm)
+    packed_norm = Normalize(norm.mode, norm.mean.repeat(k, 1, 1), norm.std.repeat(k, 1, 1))
+    batches = endless(MemberBatches.of(MemoryData(splits), SEEDS, cfg))
     state = MemberState.create(k, warmup=wants_warmup(cfg, packed.config.depth))
+    at = [0]
+
+    def inputs(images: Tensor) -> Tensor:
+        x = packed_norm(images).to(dtype)
+        if poison is not None and poison[1] == at[0]:
+            c = packed.config.in_channels
+            x[:, poison[0] * c : (poison[0] + 1) * c] = math.nan
+        return x
+
     step = TrainStep(
         packed, opt, members=k, rates=lr_table(lambda s: learning_rate(s, steps, cfg), steps),
-        state=state, norm=lambda x: x.to(dtype), capacity=steps, warmup_lr=cfg.warmup_lr,
+        state=state, norm=inputs, capacity=steps, warmup_lr=cfg.warmup_lr,
         warmup_error=cfg.warmup_error, label_smoothing=cfg.label_smoothing,
         channels_last=cfg.channels_last,
     )  # fmt: skip
     left: list[int | None] = [None] * k
     for s in range(steps):
-        x, y = batches.batch(s)
-        if poison is not None and poison[1] == s:
-            c = packed.config.in_channels
-            x[:, poison[0] * c : (poison[0] + 1) * c] = math.nan
+        at[0] = s
         was = state.warming.clone()
-        step(x, y)
+        step(*next(batches))
         for m in range(k):
             if was[m] and not state.warming[m]:
                 left[m] = s
@@ -328,7 +330,7 @@ def test_warmup_ends_at_each_members_own_step(splits) -> None:
     """He et al. 2015 §4.2: lr 0.01 until the member's training error is below the threshold,
     then 0.1, per member; the packed run leaves warm-up at the steps the separate runs do."""
     cfg = _config("resnet20_A")
-    tcfg = _train_cfg(iters=16, warmup="error", warmup_error=0.86)
+    tcfg = _train_cfg(iters=16, warmup="error", warmup_error=0.88)
     runs = _separate_runs(_members(cfg, torch.float64), splits, tcfg, steps=16, dtype=torch.float64)
     left = [r["left_warmup"] for r in runs]
     assert None not in left and len(set(left)) > 1, (
@@ -479,18 +481,27 @@ def test_unpacked_optimizer_state_resumes_as_an_ordinary_run(splits) -> None:
 
 
 def test_member_batches_resume_exactly(splits) -> None:
+    """The packed batches are each seed's own training batches (what a run with that seed
+    draws), and their position resumes exactly, across an epoch boundary."""
     cfg = _train_cfg()
-    norm = Normalize.fit(splits.train.images, "pixel")
-    a = MemberBatches(splits.train.images, splits.train.labels, SEEDS, cfg, norm)
-    for step in range(10):  # past the first epoch (128 images / 16 = 8 steps)
-        a.batch(step)
-    b = MemberBatches(splits.train.images, splits.train.labels, SEEDS, cfg, norm)
-    b.load_state_dict(a.state_dict())
-    for step in range(10, 20):
-        (xa, ya), (xb, yb) = a.batch(step), b.batch(step)
+    data = MemoryData(splits)
+    a = endless(MemberBatches.of(data, SEEDS, cfg))
+    own = [endless(MemberBatches.of(data, [s], cfg)) for s in SEEDS]
+    source = MemberBatches.of(data, SEEDS, cfg)
+    stream = endless(source)
+    for _ in range(10):  # past the first epoch (128 images / 16 = 8 steps)
+        x, y = next(stream)
+        singles = [next(o) for o in own]
+        assert torch.equal(x, torch.cat([xs for xs, _ in singles], 1))
+        assert torch.equal(y, torch.cat([ys for _, ys in singles], 1))
+    b = MemberBatches.of(data, SEEDS, cfg)
+    b.load_state_dict(source.state_dict())
+    resumed = endless(b)
+    for _ in range(10):
+        (xa, ya), (xb, yb) = next(stream), next(resumed)
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    x, y = a.batch(20)
-    assert x.shape == (16, 9, 8, 8) and y.shape == (16, 3)
+    x, y = next(a)
+    assert x.shape == (16, 9, 8, 8) and x.dtype == torch.uint8 and y.shape == (16, 3)
     assert not torch.equal(y[:, 0], y[:, 1])  # each member its own order
 
 

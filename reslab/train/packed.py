@@ -2,8 +2,8 @@
 
 What keeps the K members independent, step by step:
 
-- **Data**: :class:`MemberBatches` gives member ``m`` the data order and augmentation a separate
-  ``fit`` run with seed ``seeds[m]`` draws (its own generator, its own permutation per epoch).
+- **Data**: :class:`MemberBatches` gives member ``m`` the training batches a separate ``fit`` run
+  with seed ``seeds[m]`` draws (its own source: epoch order and augmentation from its seed).
 - **Loss**: :func:`~reslab.train.members.member_losses` is each member's mean cross-entropy; the
   backward pass runs on their sum, so each member's gradient is exactly its own (no other term
   depends on its weights).
@@ -24,13 +24,14 @@ ordinary run takes with ``members=1``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from reslab.data import Normalize, random_crop_flip
+from reslab.data.feed import TrainingBatches
+from reslab.data.training import TrainingData
 from reslab.models.packed import PackedNet
 from reslab.train.config import TrainConfig
 from reslab.train.members import (
@@ -146,53 +147,64 @@ def member_finite(packed: PackedNet) -> Tensor:
 
 
 class MemberBatches:
-    """Training batches of K members, each drawn as a separate ``fit`` run with its seed draws
-    them: its own ``torch.Generator`` seeded with the member's seed, a new permutation of the
-    training set at every epoch, then pad-crop-flip from the same generator.
+    """The training batches of K members as one packed batch, itself a
+    :class:`~reslab.data.feed.TrainingBatches`.
 
-    ``batch(step)`` returns the packed input ``(N, K*C, H, W)`` (normalised) and labels ``(N, K)``.
+    Member ``m`` draws from its own source, the training batches a run with seed ``seeds[m]``
+    draws (:meth:`~reslab.data.training.TrainingData.train_batches` with that seed: its epoch
+    order and augmentation); a batch is the members' uint8 images concatenated along channels,
+    ``(N, K*C, H, W)``, with labels ``(N, K)``. The position is the members' positions, which
+    move together.
     """
 
-    def __init__(
-        self,
-        images: Tensor,
-        labels: Tensor,
+    def __init__(self, sources: Sequence[TrainingBatches]) -> None:
+        if not sources or len({len(s) for s in sources}) != 1:
+            raise ValueError("member batches need one or more sources of one epoch length")
+        self.sources = list(sources)
+
+    @classmethod
+    def of(
+        cls,
+        data: TrainingData,
         seeds: Sequence[int],
         cfg: TrainConfig,
-        normalize: Normalize,
-    ) -> None:
-        self.images, self.labels, self.cfg = images, labels, cfg
-        self.seeds = list(seeds)
-        self.generators = [torch.Generator().manual_seed(s) for s in self.seeds]
-        self.perms: list[Tensor | None] = [None] * len(self.seeds)
-        self.steps_per_epoch = cfg.steps_per_epoch(len(labels))
-        k = len(self.seeds)
-        # one normalisation over the packed channels: elementwise, so the same numbers
-        self.normalize = Normalize(
-            normalize.mode, normalize.mean.repeat(k, 1, 1), normalize.std.repeat(k, 1, 1)
+        device: torch.device | str = "cpu",
+    ) -> MemberBatches:
+        """Each seed's training batches of ``data`` with ``cfg``'s batch size and augmentation."""
+        return cls(
+            [
+                data.train_batches(
+                    cfg.batch_size,
+                    seed=s,
+                    device=torch.device(device),
+                    augment=cfg.augmentation if cfg.augment else "none",
+                    pad=cfg.pad,
+                    flip=cfg.flip,
+                )
+                for s in seeds
+            ]
         )
 
-    def batch(self, step: int) -> tuple[Tensor, Tensor]:
-        cfg, b = self.cfg, self.cfg.batch_size
-        pos = step % self.steps_per_epoch
-        xs, ys = [], []
-        for m, g in enumerate(self.generators):
-            if pos == 0 or self.perms[m] is None:
-                self.perms[m] = torch.randperm(len(self.labels), generator=g)
-            perm = self.perms[m]
-            assert perm is not None
-            idx = perm[pos * b : (pos + 1) * b].to(self.images.device)
-            x = self.images[idx]
-            if cfg.augment:
-                x = random_crop_flip(x, padding=cfg.pad, flip=cfg.flip, generator=g)
-            xs.append(x)
-            ys.append(self.labels[idx])
-        return self.normalize(torch.cat(xs, 1)), torch.stack(ys, 1)
+    def __len__(self) -> int:
+        return len(self.sources[0])
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for drawn in zip(*self.sources, strict=True):
+            shapes = {tuple(x.shape) for x, _ in drawn}
+            if len(shapes) > 1:  # a streamed source left unreadable images out of a batch
+                raise ValueError(
+                    f"the members' batches differ in size ({sorted(shapes)}): seed-packed "
+                    "training needs full batches (data without unreadable images)"
+                )
+            yield torch.cat([x for x, _ in drawn], 1), torch.stack([y for _, y in drawn], 1)
+
+    def seek(self, step: int) -> None:
+        for s in self.sources:
+            s.seek(step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"perms": list(self.perms), "rng": [g.get_state() for g in self.generators]}
+        return {"members": [s.state_dict() for s in self.sources]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.perms = list(state["perms"])
-        for g, s in zip(self.generators, state["rng"], strict=True):
-            g.set_state(s)
+        for s, position in zip(self.sources, state["members"], strict=True):
+            s.load_state_dict(position)

@@ -44,7 +44,7 @@ from reslab.train.config import TrainConfig
 from reslab.train.evaluation import member_errors_point, summarize
 from reslab.train.members import MemberState
 from reslab.train.outputs import RunFolder
-from reslab.train.packed import member_finite, member_optimizer_states
+from reslab.train.packed import MemberBatches, member_finite, member_optimizer_states
 from reslab.train.runs import (
     FitResult,
     Run,
@@ -98,6 +98,7 @@ class PackedRun(Run):
         self.cfgs = [dataclasses.replace(cfg, seed=s) for s in self.seeds]
         batches = [training_batches(data, cfg, where, seed=s) for s in self.seeds]
         self.steps_per_epoch = len(batches[0])
+        self.stream = endless(MemberBatches(batches))  # from the positions the states were at
         self.total = cfg.run_steps(self.steps_per_epoch)
         saved = resume_checkpoint(out_dir, cfg, self.total) if resume and out_dir else None
         input_cfg = input_config(data, cfg, normalization, saved)
@@ -131,7 +132,6 @@ class PackedRun(Run):
             norm=packed_norm, total=self.total, capacity=min(self.eval_every, self.total),
             step=self.step,
         )  # fmt: skip
-        self.streams = [endless(b) for b in batches]
         self.lrs = [math.nan] * k
         model.train()
 
@@ -167,14 +167,7 @@ class PackedRun(Run):
 
     # -- the loop's calls -----------------------------------------------------------------------
     def batch(self) -> tuple[Tensor, Tensor]:
-        drawn = [next(s) for s in self.streams]
-        shapes = {tuple(x.shape) for x, _ in drawn}
-        if len(shapes) > 1:  # a streamed source left unreadable images out of some batches
-            raise ValueError(
-                f"the members' batches differ in size at step {self.step} ({sorted(shapes)}): "
-                "seed-packed training needs full batches (data without unreadable images)"
-            )
-        return torch.cat([x for x, _ in drawn], 1), torch.stack([y for _, y in drawn], 1)
+        return next(self.stream)
 
     def absorb(self, report: StepReport, seconds: float) -> dict[str, str]:
         for m, state in enumerate(self.states):
