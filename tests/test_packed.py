@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -745,15 +746,6 @@ def test_gpu_plan_writes_only_its_block_of_the_docs(gpu_plan, tmp_path) -> None:
     assert docs.read_text().endswith("third\n" + gpu_plan.END + "\n\n## after\n")
 
 
-def test_gpu_plan_packed_runner_names_what_is_missing(gpu_plan, tmp_path) -> None:
-    jobs = gpu_plan.make_plan()
-    with pytest.raises(NotImplementedError, match=r"reslab train MODEL --seeds"):
-        gpu_plan.advance(jobs, tmp_path, gpu_plan.PackedRunner(), budget=540)
-    assert gpu_plan.load_state(tmp_path) == {"version": 1, "jobs": {}}  # nothing marked
-    assert gpu_plan.main(["--state", str(tmp_path), "--json", str(tmp_path / "r.json"),
-                          "--docs", str(tmp_path / "d.md")]) == 2  # fmt: skip
-
-
 def test_gpu_plan_exports_what_the_next_machine_needs(gpu_plan, tmp_path) -> None:
     jobs = gpu_plan.make_plan()[:2]
     state_dir = tmp_path / "state"
@@ -780,3 +772,32 @@ def test_gpu_plan_sequential_runner_trains_real_runs(gpu_plan, tmp_path) -> None
         m = rec["members"][seed]
         assert m["status"] == "finished" and m["steps"] == 3 and 0 <= m["test_error"] <= 100
         assert (tmp_path / f"table6-resnet20-seed{seed}" / "checkpoint_latest.pt").exists()
+
+
+@pytest.mark.slow
+def test_gpu_plan_packed_runner_trains_real_runs(gpu_plan, tmp_path) -> None:
+    """The plan's default runner end to end on the CPU, through its command line: two seeds of
+    ResNet-20 packed, 3 steps on the digits (state, JSON, table); the same packed run folder then
+    continues to step 5, as the next command continues a run stopped at its budget."""
+    state_dir = tmp_path / "state"
+    argv = ["--data", "digits", "--device", "cpu", "--threads", "1", "--iters", "3",
+            "--seeds", "0", "1", "--jobs", "table6/resnet20", "--state", str(state_dir),
+            "--json", str(tmp_path / "r.json"), "--docs", str(tmp_path / "d.md")]  # fmt: skip
+    assert gpu_plan.main(argv) == 0
+    rec = gpu_plan.load_state(state_dir)["jobs"]["table6/resnet20"]
+    assert rec["status"] == "finished" and rec["segments"][0]["runner"] == "packed"
+    for seed in ("0", "1"):
+        m = rec["members"][seed]
+        assert m["status"] == "finished" and m["steps"] == 3 and 0 <= m["test_error"] <= 100
+    run = state_dir / "table6-resnet20-seeds-0-1"
+    assert (run / "summary.json").exists() and (run / "seed-1" / "checkpoint_best.pt").exists()
+    assert "| ResNet-20 | 2/2 |" in (tmp_path / "d.md").read_text()
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert rows[0]["seeds_finished"] == [0, 1]
+    spec = {"data": "digits", "model": "cifar_resnet20", "options": {}, "seeds": [0, 1],
+            "out": str(run), "device": "cpu", "threads": 1, "iters": 5,
+            "train_options": {}}  # fmt: skip
+    assert gpu_plan.train_job(spec) == 0
+    assert torch.load(run / "seed-0" / "checkpoint_latest.pt", weights_only=True)["step"] == 5
+    with pytest.raises(SystemExit, match="2"):  # argparse's usage error
+        gpu_plan.main(["--jobs", "table6/nothing", "--report"])
