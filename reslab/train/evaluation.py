@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sized
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from reslab._progress import progress_bar
 from reslab.data import InputConfig, Normalize, Split
 from reslab.data.training import TrainingData
+from reslab.models.packed import PackedNet
 from reslab.train.checkpoint import model_config
 from reslab.train.config import TrainConfig
 from reslab.train.state import RunState
@@ -216,7 +217,7 @@ def _split_report(
 
 @torch.no_grad()
 def member_errors(
-    model: nn.Module,
+    model: PackedNet,
     split: Split | Iterable[tuple[Tensor, Tensor]],
     *,
     batch_size: int = 512,
@@ -233,15 +234,15 @@ def member_errors(
     was_training = model.training
     model.eval()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    norm = model.input_norm  # type: ignore[union-attr]  # the trainer attaches it
-    wrong, n = torch.zeros(model.members, dtype=torch.int64), 0  # type: ignore[arg-type]
+    norm = cast(Normalize, model.input_norm)  # the trainer attaches it
+    wrong, n = torch.zeros(model.members, dtype=torch.int64), 0
     for raw, y in progress_bar(
         _batches(split, batch_size), desc=desc, unit="batch", leave=False, enabled=progress,
         total=_count(split, batch_size),
     ):  # fmt: skip
         x = norm(raw.to(device, non_blocking=True)).contiguous(memory_format=fmt)
         with autocast(device, precision):
-            pred = model.forward_shared(x).argmax(-1).cpu()  # type: ignore[operator]  # (N, K)
+            pred = model.forward_shared(x).argmax(-1).cpu()  # (N, K)
         wrong += (pred != y.cpu()[:, None]).sum(0)
         n += len(y)
     model.train(was_training)
@@ -249,7 +250,7 @@ def member_errors(
 
 
 def member_errors_point(
-    model: nn.Module,
+    model: PackedNet,
     data: TrainingData,
     cfg: TrainConfig,
     device: torch.device,

@@ -93,6 +93,7 @@ class PackedRun(Run):
         assert isinstance(model, PackedNet)
         _refuse(model, cfg, where, param_groups)
         self.model, self.data, self.cfg, self.where = model, data, cfg, where
+        self.packed = model
         self.seeds: list[int] = list(model.seeds or [])
         k = len(self.seeds)
         self.cfgs = [dataclasses.replace(cfg, seed=s) for s in self.seeds]
@@ -203,7 +204,7 @@ class PackedRun(Run):
         """Each member's evaluation point, as its own run has it: the weights check, the
         window's means, val and test error (all members in one pass of the packed network),
         metrics.jsonl, the member's checkpoints; then the packed checkpoint."""
-        finite = member_finite(self.model).tolist()
+        finite = member_finite(self.packed).tolist()
         for m, ok in enumerate(finite):
             if not ok and m not in self.failed:  # the loss was finite, its gradients not
                 self.failed[m] = (f"non-finite weights after step {self.step}: the loss was "
@@ -211,9 +212,10 @@ class PackedRun(Run):
                 self.members.alive[m] = False
                 self.members.failed_step[m] = self.step - 1
         self._stop_if_all_failed()
-        val, test = member_errors_point(self.model, self.data, self.cfg, self.where.device,
+        val, test = member_errors_point(self.packed, self.data, self.cfg, self.where.device,
                                         progress=show)  # fmt: skip
         records = []
+        self._sync_members()
         for m, state in enumerate(self.states):
             if m in self.failed:
                 continue
@@ -222,30 +224,29 @@ class PackedRun(Run):
             record["test_error"] = test[m] if test is not None else None
             state.history.append(record)
             records.append(record)
-            improved = state.improves(record["val_error"])
+            improved = state.improves(record["val_error"])  # before the latest checkpoint
             folder = self.folders[m]
             if folder is not None:
                 folder.log(record)
-                self._sync_member(m)
                 folder.save(state, best=improved)
         self._save_packed()
         return _format_members(records, self.total, len(self.seeds))
 
     def save(self) -> Path | None:
+        self._sync_members()
         for m, folder in enumerate(self.folders):
             if folder is not None and m not in self.failed:
-                self._sync_member(m)
                 folder.save(self.states[m])
         return self._save_packed()
 
     def finish(self, *, show: bool) -> FitResult:
         results = []
+        self._sync_members()
         for m, (state, mcfg) in enumerate(zip(self.states, self.cfgs, strict=True)):
             if m in self.failed:
                 results.append(FitResult(state.model, state.history, {"failed": self.failed[m]},
                                          state.losses))  # fmt: skip
                 continue
-            self._sync_member(m)
             summary = summarize(state.model, self.data, mcfg, self.where.device, state,
                                 total=self.total, steps_per_epoch=self.steps_per_epoch,
                                 progress=show)  # fmt: skip
@@ -265,14 +266,17 @@ class PackedRun(Run):
                 folder.close()
 
     # -- checkpoints and summaries --------------------------------------------------------------
-    def _sync_member(self, m: int) -> None:
-        """Member ``m``'s ordinary run state from the packed one: its slice of the weights and of
-        the momentum buffers, its warm-up state."""
-        state = self.states[m]
-        state.model.load_state_dict(unpack_state_dicts(self.model)[m])
-        k = len(self.seeds)
-        state.optimizer.load_state_dict(member_optimizer_states(self.optimizer.state_dict(), k)[m])
-        state.warming, state.recent_errors = self.members.warmup_record(m, state.step)
+    def _sync_members(self) -> None:
+        """Each running member's ordinary run state from the packed one: its slice of the
+        weights and of the momentum buffers, its warm-up state. (A failed member keeps the state
+        of its last checkpoint.)"""
+        weights = unpack_state_dicts(self.packed)
+        optimizers = member_optimizer_states(self.optimizer.state_dict(), len(self.seeds))
+        for m, state in enumerate(self.states):
+            if m not in self.failed:
+                state.model.load_state_dict(weights[m])
+                state.optimizer.load_state_dict(optimizers[m])
+                state.warming, state.recent_errors = self.members.warmup_record(m, state.step)
 
     def _save_packed(self) -> Path | None:
         if self.out_dir is None:

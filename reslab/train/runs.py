@@ -256,7 +256,7 @@ class SingleRun(Run):
         self.lr = learning_rate(self.step, self.total, cfg, warming_up=self.state.warming)
         model.train()
 
-    @property  # type: ignore[override]
+    @property
     def step(self) -> int:
         return self.state.step
 
