@@ -488,7 +488,10 @@ def render_tables(rows: list[dict[str, Any]]) -> str:
         "view, CIFAR-10 JPEG, 45k training images (the papers: original pixels, all 50k).",
         "",
     ]
-    head = "| network | seeds done | test error % (mean ± std) | median | paper | wall | img/s |"
+    head = (
+        "| network | seeds done | test error % (mean ± std) | median | paper | wall "
+        "| img/s per seed |"
+    )
     for table in TABLES:
         lines += [f"#### {table}", "", head, "|---|---:|---:|---:|---:|---:|---:|"]
         for r in (r for r in rows if r["table"] == table):
