@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reslab.data import DataSplits, Normalize, Split
+from reslab.data import DataSplits, Normalize
 from reslab.data.feed import endless
 from reslab.data.training import MemoryData
 from reslab.models import DenseConfig, ResNetConfig, build_model, get_config
@@ -78,19 +78,9 @@ ALL_NETS = {
 }  # fmt: skip
 
 
-def _synthetic(n: int, seed: int, size: int = 8) -> Split:
-    """Images whose class shifts their mean: the loss falls within a few steps."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 10, (n,), generator=g)
-    base = torch.rand(10, 3, size, size, generator=torch.Generator().manual_seed(99)) * 255
-    x = 0.5 * base[y] + 0.5 * torch.rand(n, 3, size, size, generator=g) * 255
-    return Split(x.to(torch.uint8), y)
-
-
 @pytest.fixture(scope="module")
-def splits() -> DataSplits:
-    classes = [str(i) for i in range(10)]
-    return DataSplits(_synthetic(128, 0), _synthetic(32, 1), _synthetic(32, 2), classes, "synth")
+def splits(class_shifted: DataSplits) -> DataSplits:
+    return class_shifted
 
 
 def _config(net: str) -> ResNetConfig:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from reslab.cli import main
-from reslab.data import DataSplits, Split
+from reslab.data import DataSplits
 from reslab.models import ResNetConfig, build_model, get_config
 from reslab.models.packed import PackedNet, build_packed
 from reslab.train import NonFiniteLossError, TrainConfig, TrainingInterrupted, fit
@@ -33,19 +33,9 @@ NETS = {  # post-activation with option A shortcuts; pre-activation with B proje
 }
 
 
-def _synthetic(n: int, seed: int, size: int = 8) -> Split:
-    """Images whose class shifts their mean: the loss falls within a few steps."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 10, (n,), generator=g)
-    base = torch.rand(10, 3, size, size, generator=torch.Generator().manual_seed(99)) * 255
-    x = 0.5 * base[y] + 0.5 * torch.rand(n, 3, size, size, generator=g) * 255
-    return Split(x.to(torch.uint8), y)
-
-
 @pytest.fixture(scope="module")
-def splits() -> DataSplits:
-    classes = [str(i) for i in range(10)]
-    return DataSplits(_synthetic(128, 0), _synthetic(32, 1), _synthetic(32, 2), classes, "synth")
+def splits(class_shifted: DataSplits) -> DataSplits:
+    return class_shifted
 
 
 def _config(net: str = "post") -> ResNetConfig:

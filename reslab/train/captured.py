@@ -35,7 +35,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from reslab.train.members import MemberState, member_losses, members_view, sgd_update
+from reslab.train.members import (
+    MemberState,
+    check_members,
+    member_losses,
+    members_view,
+    sgd_update,
+)
 from reslab.train.step import autocast, model_inputs
 
 __all__ = ["GRAPH_WARMUP_STEPS", "StepReport", "TrainStep", "lr_table"]
@@ -139,13 +145,7 @@ class TrainStep:
                 "cuda_graphs with fp16: the gradient scaler adjusts its scale between steps "
                 "outside a graph; use --precision bf16 (no scaler) or fp32"
             )
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.ndim == 0 or p.shape[0] % members:
-                    raise ValueError(
-                        f"a parameter of shape {tuple(p.shape)} does not split into {members} "
-                        "members along dim 0"
-                    )
+        check_members(optimizer, members)
         self.model, self.optimizer, self.members = model, optimizer, members
         self.rates, self.state, self.norm = rates, state, norm
         self.warmup_lr, self.warmup_error = warmup_lr, warmup_error

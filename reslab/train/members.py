@@ -25,7 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["WARMUP_WINDOW", "MemberState", "member_losses", "members_view", "sgd_update"]
+__all__ = [
+    "WARMUP_WINDOW",
+    "MemberState",
+    "check_members",
+    "member_losses",
+    "members_view",
+    "sgd_update",
+]
 
 #: Batches averaged when deciding that training error fell below ``warmup_error``.
 WARMUP_WINDOW = 10
@@ -34,6 +41,17 @@ WARMUP_WINDOW = 10
 def members_view(t: Tensor, k: int) -> Tensor:
     """``t`` of shape ``(K*d0, ...)`` as ``(K, d0, ...)`` (a view for any memory format)."""
     return t.unflatten(0, (k, -1))
+
+
+def check_members(optimizer: torch.optim.Optimizer, members: int) -> None:
+    """Refuse an optimiser whose parameters do not split into ``members`` along dim 0."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.ndim == 0 or p.shape[0] % members:
+                raise ValueError(
+                    f"a parameter of shape {tuple(p.shape)} does not split into {members} "
+                    "members along dim 0; is it from a packed network?"
+                )
 
 
 def _per_member(v: Tensor, like: Tensor) -> Tensor:

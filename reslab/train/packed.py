@@ -37,6 +37,7 @@ from reslab.train.config import TrainConfig
 from reslab.train.members import (
     WARMUP_WINDOW,
     MemberState,
+    check_members,
     member_losses,
     members_view,
     sgd_update,
@@ -90,13 +91,7 @@ class PackedSGD(torch.optim.Optimizer):
         )  # fmt: skip
         super().__init__(params, defaults)
         self.members = members
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.ndim == 0 or p.shape[0] % members:
-                    raise ValueError(
-                        f"a parameter of shape {tuple(p.shape)} does not split into {members} "
-                        "members along dim 0; is it from a packed network?"
-                    )
+        check_members(self, members)
 
     @torch.no_grad()
     def step(  # type: ignore[override]
