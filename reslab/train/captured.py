@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from reslab.data import Normalize
 from reslab.train.members import (
     MemberState,
     check_members,
@@ -147,6 +148,9 @@ class TrainStep:
             )
         check_members(optimizer, members)
         self.model, self.optimizer, self.members = model, optimizer, members
+        if isinstance(norm, Normalize):  # its statistics on the device: a copy from host memory
+            # each step would be a synchronisation, and inside a graph capture an error
+            norm = Normalize(norm.mode, norm.mean.to(device), norm.std.to(device))
         self.rates, self.state, self.norm = rates, state, norm
         self.warmup_lr, self.warmup_error = warmup_lr, warmup_error
         self.label_smoothing, self.precision = label_smoothing, precision
