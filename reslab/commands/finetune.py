@@ -121,8 +121,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument(
         "--image-size",
         type=positive_int,
-        help="side the images are resized to (default: the training size if the "
-        "checkpoint records it, else 32)",
+        help="side the images are brought to (default: the checkpoint's own input; "
+        "needed for checkpoints that do not record it)",
     )
     q.set_defaults(func=run_predict)
 

@@ -227,6 +227,34 @@ class InMemoryBatches(BatchPosition):
             world_size=world_size,
         )
 
+    @classmethod
+    def training(
+        cls,
+        images: Tensor,
+        labels: Tensor,
+        batch_size: int,
+        *,
+        seed: int,
+        device: torch.device | str | None = None,
+        pad: int = 4,
+        flip: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> InMemoryBatches:
+        """The trainer's batches of a training split: this rank's share of global batches of
+        ``batch_size`` (:func:`rank_batch_size`), padded, cropped and mirrored
+        (:func:`pad_crop_flip`; ``pad=0, flip=False``: as they are)."""
+        return cls(
+            images,
+            labels,
+            batch_size=rank_batch_size(len(labels), batch_size, world_size),
+            seed=seed,
+            device=device,
+            augment=pad_crop_flip(pad, flip) if pad or flip else None,
+            rank=rank,
+            world_size=world_size,
+        )
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         for batch in self.sampler:
             epoch = self.sampler.epoch

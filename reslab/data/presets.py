@@ -15,12 +15,16 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from reslab.data.augment import Normalize
+
+if TYPE_CHECKING:
+    from reslab.data.images import Limits
 
 __all__ = [
     "IMAGENET_EIGVAL",
@@ -191,6 +195,39 @@ class InputConfig:
 
     def eval_transform(self) -> ClassificationPresetEval:
         return ClassificationPresetEval(self)
+
+    def resized(self, side: int) -> InputConfig:
+        """This input at ``side`` x ``side``, its resize scaled alike (256/224 stays 256/224);
+        a per-pixel mean is defined at one size only, so that is refused."""
+        if (side, side) == tuple(self.size):
+            return self
+        if self.normalize == "pixel":
+            h, w = self.size
+            raise ValueError(
+                f"this network normalises each pixel of {h}x{w} (HxW) images, so it takes no "
+                f"other size (asked for {side})"
+            )
+        resize = None if self.resize is None else round(self.resize * side / min(self.size))
+        return replace(self, size=(side, side), resize=resize)
+
+    def read_image(self, path: str | Path, *, limits: Limits | None = None) -> Tensor:
+        """An image file as this input, uint8 (C, H, W): read and decoded as the data path
+        decodes a training image (:func:`reslab.data.images.decode`: orientation, channels,
+        reduced-size JPEG decoding), then the evaluation transform; so a prediction sees
+        exactly the pixels evaluation saw. Errors name the file."""
+        from reslab.data.images import DEFAULT_LIMITS, decode, read_bounded
+
+        limits = limits or DEFAULT_LIMITS
+        transform = self.eval_transform()
+        if Path(path).is_dir():
+            raise ValueError(f"{path} is a directory, not an image file")
+        if not Path(path).exists():
+            raise FileNotFoundError(f"image not found: {path}")
+        data = read_bounded(path, limits.max_file_bytes)
+        image = decode(
+            data, str(path), channels=self.channels, min_side=transform.min_side, limits=limits
+        )
+        return transform(image)
 
 
 class PCALighting:

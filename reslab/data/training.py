@@ -28,7 +28,6 @@ from reslab.data.feed import (
     InMemoryBatches,
     LoaderChoice,
     TrainingBatches,
-    pad_crop_flip,
     rank_batch_size,
 )
 from reslab.data.images import DEFAULT_LIMITS, Limits
@@ -130,9 +129,9 @@ class TrainingData(ABC):
         """This rank's training batches of a global ``batch_size``."""
 
     @abstractmethod
-    def eval_batches(self, split: str, *, batch_size: int, device: torch.device) -> Any:
-        """``split``'s images at the input size: a :class:`~reslab.data.Split` (in memory) or
-        :class:`EvalBatches` (streamed, never the whole split at once)."""
+    def eval_batches(self, split: str, *, batch_size: int, device: torch.device) -> EvalBatches:
+        """``split``'s images at the input size in batches of uint8 images and labels (streamed:
+        never more than a batch of the split in memory)."""
 
     @abstractmethod
     def images(self, split: str) -> Iterator[tuple[list[Tensor], Tensor]]:
@@ -201,19 +200,25 @@ class MemoryData(TrainingData):
                 f"{kind!r} augmentation needs the streaming loader (--loader stream)"
             )
         train = self.splits.train
-        return InMemoryBatches(
+        return InMemoryBatches.training(
             train.images,
             train.labels,
-            batch_size=rank_batch_size(len(train), batch_size, world_size),
+            batch_size,
             seed=seed,
             device=device,
-            augment=pad_crop_flip(pad, flip) if kind == "cifar" and (pad or flip) else None,
+            pad=pad if kind == "cifar" else 0,
+            flip=flip and kind == "cifar",
             rank=rank,
             world_size=world_size,
         )
 
-    def eval_batches(self, split: str, *, batch_size: int, device: torch.device) -> Split:
-        return getattr(self.splits, split)
+    def eval_batches(self, split: str, *, batch_size: int, device: torch.device) -> EvalBatches:
+        s: Split = getattr(self.splits, split)
+        slices = [
+            (s.images[i : i + batch_size], s.labels[i : i + batch_size])
+            for i in range(0, len(s), batch_size)
+        ]  # views of the split's tensor, moved to the device batch by batch by evaluate
+        return EvalBatches(slices, len(s), self.splits.skipped)
 
     def images(self, split: str) -> Iterator[tuple[list[Tensor], Tensor]]:
         s: Split = getattr(self.splits, split)

@@ -5,18 +5,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from reslab.data.presets import InputConfig
+
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["predict_files", "read_image"]
-
-DEFAULT_IMAGE_SIZE = 32  # CIFAR's side, the size reslab's CIFAR stems were designed for
+__all__ = ["input_config", "predict_files", "read_image"]
 
 
 def read_image(path: str | Path, channels: int, size: int | tuple[int, int]) -> Tensor:
@@ -54,14 +54,48 @@ def _to_8_bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.round(a / 257), 0, 255).astype(np.uint8), "L")
 
 
-def _input_shape(model: nn.Module, requested: int | None) -> tuple[int, tuple[int, int]]:
-    """Channels and (H, W) the model takes: a per-pixel mean fixes (H, W) to the training size;
-    a dense network takes exactly as many pixels as its first layer has inputs."""
+def input_config(model: nn.Module, requested: int | None) -> InputConfig:
+    """The input ``model`` takes, as evaluation applies it: the checkpoint's own input config
+    (format 3; ``requested`` resizes it where the network allows), else what the weights fix (a
+    per-pixel mean's size, a dense network's input layer), else ``requested`` (straight resize).
+    A checkpoint that records none of these is refused: a guessed size gives confident wrong
+    answers (a digits network fed 32-px images)."""
+    saved = getattr(model, "input_config", None)
+    if saved is not None:
+        return saved if requested is None else saved.resized(requested)
     norm = getattr(model, "input_norm", None)
+    channels, fixed = _fixed_input(model, norm)
+    if fixed is not None:
+        if requested is not None and (requested, requested) != fixed:
+            what = (
+                f"normalises each pixel of {fixed[0]}x{fixed[1]} (HxW) training images"
+                if norm is not None and norm.mode == "pixel"
+                else f"takes {channels}x{fixed[0]}x{fixed[1]} inputs"
+            )
+            hint = f"--image-size {fixed[0]}, or " if fixed[0] == fixed[1] else ""
+            raise ValueError(
+                f"this checkpoint {what}, so images are resized to {fixed[0]}x{fixed[1]}: pass "
+                f"{hint}no --image-size (got {requested})"
+            )
+        size = fixed
+    elif requested is not None:
+        size = (requested, requested)
+    else:
+        raise ValueError(
+            "this checkpoint does not record the image size its network was trained on (it was "
+            "written before checkpoints carried their input, format 1 or 2): pass --image-size "
+            "N, the side of its training images (8 for the digits, 32 for CIFAR); or evaluate "
+            "it with `reslab eval`, which reads its data at their own size"
+        )
+    cfg = InputConfig(channels=channels, size=size, resize=None, mean=(0.0,) * channels,
+                      std=(1.0,) * channels, normalize="none")  # fmt: skip
+    return cfg.with_normalization(norm) if norm is not None else cfg
+
+
+def _fixed_input(model: nn.Module, norm: Any) -> tuple[int, tuple[int, int] | None]:
+    """(channels, (H, W) the weights fix or None): a per-pixel mean fixes the training size, a
+    dense network's first layer takes exactly channels x H x W features."""
     config = model.config
-    pixel = None  # (H, W) of a per-pixel mean
-    if norm is not None and norm.mean.ndim == 3 and tuple(norm.mean.shape[-2:]) != (1, 1):
-        pixel = (int(norm.mean.shape[-2]), int(norm.mean.shape[-1]))
     if hasattr(config, "in_channels"):
         channels = int(config.in_channels)
     elif norm is not None:
@@ -69,29 +103,16 @@ def _input_shape(model: nn.Module, requested: int | None) -> tuple[int, tuple[in
     else:  # a dense net without its normalisation: grey if its inputs make a square, else RGB
         features = int(config.widths[0])
         channels = 1 if math.isqrt(features) ** 2 == features else 3
-    if pixel is not None:
-        if requested is not None and (requested, requested) != pixel:
-            hint = f"--image-size {pixel[0]}, or " if pixel[0] == pixel[1] else ""
-            raise ValueError(
-                f"this checkpoint normalises each pixel of {pixel[0]}x{pixel[1]} (HxW) training "
-                f"images, so images are resized to {pixel[0]}x{pixel[1]}: pass {hint}no "
-                f"--image-size (got {requested})"
-            )
-        return channels, pixel
+    if norm is not None and norm.mean.ndim == 3 and tuple(norm.mean.shape[-2:]) != (1, 1):
+        return channels, (int(norm.mean.shape[-2]), int(norm.mean.shape[-1]))
     if hasattr(config, "in_channels"):  # a ResNet pools globally: any size
-        side = DEFAULT_IMAGE_SIZE if requested is None else requested
-        return channels, (side, side)
+        return channels, None
     features = int(config.widths[0])  # a dense network: flattened square images
     side = math.isqrt(features // channels)
     if channels * side * side != features:
         raise ValueError(
             f"this dense checkpoint takes {features} input features, which are not {channels} "
             "channel(s) of a square image"
-        )
-    if requested is not None and requested != side:
-        raise ValueError(
-            f"this dense checkpoint takes {features} input features = {channels}x{side}x{side}: "
-            f"pass --image-size {side}, or no --image-size (got {requested})"
         )
     return channels, (side, side)
 
@@ -117,9 +138,9 @@ def predict_files(
     n = int(model.config.num_classes)
     if len(classes) != n:
         classes = [str(i) for i in range(n)]
-    channels, size = _input_shape(model, image_size)
-    batch = torch.stack([read_image(p, channels, size) for p in images])
-    x = model.input_norm(batch) if hasattr(model, "input_norm") else batch.float() / 255
+    cfg = input_config(model, image_size)
+    batch = torch.stack([cfg.read_image(p) for p in images])
+    x = cfg.normalizer()(batch)
     probs = torch.softmax(model(x).float(), dim=1)
     values, indices = probs.topk(min(topk, n), dim=1)
     return [
