@@ -332,7 +332,7 @@ def test_sigterm_during_the_final_summary_still_writes_it(tmp_path: Path) -> Non
         f"""
         import os, signal
         from pathlib import Path
-        import reslab.train.loop as loop
+        import reslab.train.runs as loop  # where fit's run looks summarize up
         from reslab import create_model
         from reslab.data import load_data
         from reslab.train import TrainConfig, fit

@@ -15,11 +15,14 @@ from reslab.data import DataSplits, Split
 from reslab.data.feed import InMemoryBatches, TrainingBatches
 from reslab.data.training import MemoryData
 from reslab.train import RunState, TrainConfig, evaluate
+from reslab.train.captured import TrainStep, lr_table
 from reslab.train.checkpoint import FORMAT_VERSION, load_checkpoint, model_record, save_checkpoint
 from reslab.train.distributed import DistInfo
 from reslab.train.evaluation import evaluate_point, format_record, summarize
+from reslab.train.members import MemberState
+from reslab.train.schedule import learning_rate
 from reslab.train.setup import Placement, place, prepare_model
-from reslab.train.step import StepOptions, build_optimizer, model_inputs, train_step
+from reslab.train.step import build_optimizer
 
 CPU = Placement(torch.device("cpu"), DistInfo())
 
@@ -45,17 +48,27 @@ def _state(splits: DataSplits, cfg: TrainConfig, *, init_seed: int = 0):
 
 
 def _train(state: RunState, norm, cfg: TrainConfig, steps: int) -> list[float]:
-    options = StepOptions.of(cfg)
+    """``steps`` of the trainer's step from where ``state`` is, then its numbers back in it."""
+    total = 100
+    members = MemberState.create(1, warmup=state.warming)
+    members.set_warmup_record(0, state.step, warming=state.warming,
+                              recent_errors=state.recent_errors)  # fmt: skip
+    step = TrainStep(
+        state.model, state.optimizer, members=1,
+        rates=lr_table(lambda s: learning_rate(s, total, cfg), total), state=members,
+        norm=norm, capacity=steps, warmup_lr=cfg.warmup_lr, warmup_error=cfg.warmup_error,
+        label_smoothing=cfg.label_smoothing, step=state.step,
+    )  # fmt: skip
     stream = iter(())
     for _ in range(steps):
         images_labels = next(stream, None)
         if images_labels is None:  # the end of an epoch: the next one from the position on
             stream = iter(state.batches)
             images_labels = next(stream)
-        images, labels = images_labels
-        x = model_inputs(images, norm)
-        stats = train_step(state.model, state.optimizer, state.scaler, x, labels, options=options)
-        state.record_step(stats, 0.0, warmup_error=cfg.warmup_error)
+        step(*images_labels)
+    state.absorb(step.read(), 0.0)
+    state.step += steps
+    state.warming, state.recent_errors = members.warmup_record(0, state.step)
     return state.losses
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "TRAINER_FLAGS",
     "add_data_options",
     "add_run_folder_options",
+    "add_seeds_option",
     "add_trainer_options",
     "check_train_resume",
     "claim_run_folder",
@@ -46,6 +47,7 @@ __all__ = [
     "fraction",
     "nonnegative_float",
     "nonnegative_int",
+    "packed_seeds",
     "positive_float",
     "positive_int",
     "refuse_data_flags_on_resume",
@@ -139,6 +141,7 @@ TRAINER_FLAGS: tuple[str, ...] = (
     "compile",
     "compile_mode",
     "grad_checkpointing",
+    "cuda_graphs",
     "precision",
     "batch_size",
     "lr",
@@ -184,6 +187,12 @@ def _trainer_flag_specs(command: str) -> dict[str, dict[str, Any]]:
             "action": argparse.BooleanOptionalAction,
             "help": "recompute each residual unit's activations in the backward pass: far less "
             "memory for very deep nets (ResNet-1001), same gradients, ~1/3 more compute",
+        },
+        "cuda_graphs": {
+            "action": argparse.BooleanOptionalAction,
+            "help": "capture the whole training step (forward, backward, SGD update) as one CUDA "
+            "graph and replay it; no host synchronisation per step (GPU only; on a CPU the same "
+            "step runs eagerly)",
         },
         "precision": {
             "choices": PRECISIONS,
@@ -325,6 +334,32 @@ def add_run_folder_options(parser: argparse.ArgumentParser, *, default_out: str)
     )
 
 
+def add_seeds_option(parser: argparse.ArgumentParser) -> None:
+    """``--seeds S S ...``: train one network per seed as one seed-packed network."""
+    parser.add_argument(
+        "--seeds",
+        type=seed,
+        nargs="+",
+        metavar="SEED",
+        help="train one member per seed, all as one seed-packed network (each exactly as "
+        "--seed S would train it, up to float rounding): ordinary run folders OUT/seed-S and "
+        "OUT/summary.json with the test error's mean ± std; instead of --seed",
+    )
+
+
+def packed_seeds(args: argparse.Namespace) -> list[int] | None:
+    """The ``--seeds`` given, checked (distinct; not with ``--seed``), or None."""
+    seeds: list[int] | None = getattr(args, "seeds", None)
+    if seeds is None:
+        return None
+    if getattr(args, "seed", None) is not None:
+        raise ValueError("--seed and --seeds exclude each other: --seeds S ... sets every seed")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise ValueError(f"--seeds names seed(s) {repeated} more than once")
+    return list(seeds)
+
+
 def trainer_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The trainer flags given on the command line, as TrainConfig fields."""
     return {
@@ -378,6 +413,8 @@ def resume_config(args: argparse.Namespace, run_dir: Path) -> tuple[dict[str, An
         raise ValueError("--seed cannot be changed on --resume: the run continues its RNG states")
     if getattr(args, "allow_nonempty", False):
         raise ValueError("--allow-nonempty is for a new run's --out folder, not --resume")
+    if getattr(args, "seeds", None) is not None:
+        raise ValueError("--seeds cannot be given on --resume: a packed run keeps its members")
     saved = read_run_config(run_dir)
     cfg = TrainConfig.from_dict({**saved["train_config"], **trainer_overrides(args)})
     if args.epochs is not None:

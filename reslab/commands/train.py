@@ -18,12 +18,14 @@ from reslab.commands.datasets import model_input, reopen_data, say_data
 from reslab.commands.options import (
     add_data_options,
     add_run_folder_options,
+    add_seeds_option,
     add_trainer_options,
     check_train_resume,
     claim_run_folder,
     data_options,
     data_spec,
     nonnegative_int,
+    packed_seeds,
     refuse_data_flags_on_resume,
     resume_config,
     train_config,
@@ -31,7 +33,8 @@ from reslab.commands.options import (
 from reslab.data import Normalize
 from reslab.data.reading import open_data
 from reslab.data.training import TrainingData
-from reslab.models import DenseConfig, build_model, get_config
+from reslab.models import DenseConfig, ResNetConfig, build_model, get_config
+from reslab.models.packed import build_packed
 from reslab.train import TrainConfig, TrainingInterrupted, evaluate, fit, resolve_device
 from reslab.train.checkpoint import (
     BEST,
@@ -71,6 +74,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_run_folder_options(p, default_out="runs/MODEL-DATA-TIME")
     add_trainer_options(p, command="train")
+    add_seeds_option(p)
     add_data_options(p)
     p.set_defaults(func=run_train)
 
@@ -128,20 +132,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_eval)
 
 
-def _model_for(name: str, data: TrainingData) -> nn.Module:
-    """The registered model, with its input and classifier sized to the data."""
+def _config_for(name: str, data: TrainingData) -> ResNetConfig | DenseConfig:
+    """The registered model's config, with its input and classifier sized to the data."""
     base = get_config(name)
     if isinstance(base, DenseConfig):
         h, w = data.image_size
         features = data.in_channels * h * w
-        return build_model(
-            dataclasses.replace(
-                base, widths=(features, *base.widths[1:]), num_classes=data.num_classes
-            )
+        return dataclasses.replace(
+            base, widths=(features, *base.widths[1:]), num_classes=data.num_classes
         )
-    return build_model(
-        dataclasses.replace(base, in_channels=data.in_channels, num_classes=data.num_classes)
-    )
+    return dataclasses.replace(base, in_channels=data.in_channels, num_classes=data.num_classes)
+
+
+def _model_for(
+    name: str, data: TrainingData, cfg: TrainConfig, seeds: list[int] | None
+) -> nn.Module:
+    """One network initialised with ``cfg.seed``, or with ``seeds`` the members of a
+    seed-packed network, each initialised as ``--seed S`` initialises one."""
+    config = _config_for(name, data)
+    if seeds is None:
+        torch.manual_seed(cfg.seed)  # the initial weights
+        return build_model(config)
+    if not isinstance(config, ResNetConfig):
+        raise ValueError(f"--seeds packs convolutional ResNets; {name} is a dense network")
+    return build_packed(config, seeds)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -164,8 +178,8 @@ def _run_train(args: argparse.Namespace) -> int:
     data = open_data(spec, val_size=args.val_size, default_cfg=model_input(name), verbose=True,
                      **opts)  # fmt: skip
     say_data(data)
-    torch.manual_seed(cfg.seed)  # the initial weights
-    model = _model_for(name, data)
+    seeds = packed_seeds(args)
+    model = _model_for(name, data, cfg, seeds)
     out = args.out
     if out is None:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -175,7 +189,8 @@ def _run_train(args: argparse.Namespace) -> int:
     opts["loader"] = data.loader.kind
     info = {"model_name": name, "data_spec": spec, "val_size": args.val_size,
             "data_options": opts}  # fmt: skip
-    print(f"train {name} on {data.name} ({data.split_size('train')} train / "
+    what = f"{name}, seeds {' '.join(map(str, seeds))} packed," if seeds else name
+    print(f"train {what} on {data.name} ({data.split_size('train')} train / "
           f"{data.split_size('val')} val / {data.split_size('test')} test), recipe "
           f"{cfg.recipe}, run folder {out}")  # fmt: skip
     return _fit(model, data, cfg, out, info, resume=False, allow_nonempty=args.allow_nonempty)
@@ -187,10 +202,15 @@ def _resume(args: argparse.Namespace) -> int:
     check_train_resume(run_dir, saved)  # a fine-tuning run needs its own groups and schedule
     refuse_data_flags_on_resume(args, run_dir)
     weights = read_checkpoint(find_checkpoint(run_dir, prefer=LATEST))  # before the data
-    ckpt, model = weights.meta, model_from_checkpoint(weights).train()
+    ckpt = weights.meta
     spec = args.data or data_spec(saved, run_dir)
     data = reopen_data(spec, saved, ckpt.get("input_config"), workers=args.workers)
     say_data(data)
+    if "seeds" in saved:  # a seed-packed run: its members' weights come from the checkpoint
+        config = ResNetConfig.from_dict(saved["model_config"])
+        model: nn.Module = build_packed(config, saved["seeds"])
+    else:
+        model = model_from_checkpoint(weights).train()
     # config.json is rewritten: it must name the data this process reads (a moved file)
     info = {**{k: saved.get(k) for k in ("model_name", "val_size", "data_options")},
             "data_spec": spec}  # fmt: skip
@@ -215,7 +235,9 @@ def _fit(
         print(f"reslab train: {exc}", flush=True)
         return 128 + exc.signum
     s = result.summary
-    if s:
+    if result.members:
+        print(_packed_line(s, out))
+    elif s:
         views = (
             f" (image + mirror; single view {100 * s['test_accuracy_single_view']:.2f}%)"
             if s.get("eval_flip")
@@ -229,6 +251,19 @@ def _fit(
         if s.get("skipped"):
             print(f"skipped {s['skipped']} unreadable image(s), listed in {out}/summary.json")
     return 0
+
+
+def _packed_line(s: dict[str, Any], out: Path) -> str:
+    """What a seed-packed run prints at the end: the members' test error as mean ± std."""
+    done = len(s["members"])
+    err = "—" if s["test_error_mean"] is None else f"{100 * s['test_error_mean']:.2f}%"
+    if s["test_error_std"] is not None:
+        err += f" ± {100 * s['test_error_std']:.2f}"
+    failed = f", {len(s['failed_members'])} failed" if s["failed_members"] else ""
+    return (
+        f"test error {err} over {done} member(s){failed}  ({s['train_seconds']:.0f} s of "
+        f"training, {s['images_per_second']:.0f} img/s, all members)  -> {out}/seed-*"
+    )
 
 
 def format_report(report: dict[str, Any], classes: list[str]) -> str:

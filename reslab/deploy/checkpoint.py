@@ -11,7 +11,7 @@ from torch import nn
 
 from reslab.deploy.inputs import InputSpec, input_spec
 from reslab.models.pretrained import model_from_weights
-from reslab.train.checkpoint import find_checkpoint, read_checkpoint
+from reslab.train.checkpoint import find_checkpoint, read_checkpoint, refuse_packed
 
 __all__ = ["Trained", "load_trained"]
 
@@ -38,6 +38,7 @@ def load_trained(source: str | Path, *, image_size: int | None = None) -> Traine
         raise FileNotFoundError(f"no checkpoint or run folder at {source}")
     path = find_checkpoint(Path(source))
     weights = read_checkpoint(path)  # checks the path: missing, a folder, a pipe, not weights
+    refuse_packed(weights)
     net = model_from_weights(weights)
     meta = {k: v for k, v in weights.meta.items() if k not in ("optimizer", "rng", "scaler")}
     n = int(meta["model_config"]["num_classes"])

@@ -38,6 +38,7 @@ __all__ = [
     "model_record",
     "non_finite_tensors",
     "read_checkpoint",
+    "refuse_packed",
     "save_checkpoint",
     "set_input",
     "set_input_norm",
@@ -187,11 +188,24 @@ def model_record(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def refuse_packed(weights: Weights) -> None:
+    """A seed-packed run's own checkpoint holds K networks in one: refused where one network is
+    wanted, naming the member folders beside it, which hold ordinary checkpoints."""
+    packed = weights.meta.get("packed")
+    if packed is not None:
+        members = ", ".join(f"seed-{s}" for s in packed["seeds"])
+        raise ValueError(
+            f"{weights.path} is the state of a seed-packed run (K networks in one); each member "
+            f"is an ordinary run in a folder beside it ({members}): load one of those"
+        )
+
+
 def model_from_checkpoint(weights: Weights) -> nn.Module:
     """The network of a checkpoint :func:`read_checkpoint` returned, with exactly its weights
     (:func:`reslab.models.pretrained.model_from_weights`: its config checked and sized before
     anything is built, every tensor fitting it), its input config (format 3 on; else None) and
     input normalisation, in eval mode."""
+    refuse_packed(weights)
     model = model_from_weights(weights)
     model.input_config = None  # type: ignore[assignment]  # as in set_input_norm
     if weights.meta.get("input_config") is not None:

@@ -16,6 +16,8 @@ WARMUPS = ("none", "error", "auto")
 PRECISIONS = ("fp32", "bf16", "fp16")
 NORMALIZE = ("pixel", "channel")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: torch.compile modes that replay forward and backward as CUDA graphs themselves
+GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 DEVICES = ("auto", "cpu", "cuda")  # and "cuda:N" for one GPU of several
 
 
@@ -76,6 +78,10 @@ class TrainConfig:
     # graphs, which is what a small CIFAR network needs on a GPU, where eager steps are bound by
     # the CPU launching hundreds of tiny kernels (docs/results.md)
     compile_mode: str = "default"
+    # the whole training step (forward, backward, SGD update, bookkeeping) captured once as a
+    # CUDA graph and replayed every step (reslab.train.captured); on a CPU the same step runs
+    # eagerly. Excludes compile_mode's own graphs (reduce-overhead, max-autotune).
+    cuda_graphs: bool = False
     device: str = "auto"  # "auto" (cuda when present), "cpu", "cuda"
     sync_bn: bool = False  # DDP: BatchNorm statistics over the global batch
     threads: int | None = None  # CPU threads per process (torch.set_num_threads); None: torch's
@@ -95,6 +101,12 @@ class TrainConfig:
         _check("normalize", self.normalize, NORMALIZE)
         _check("compile_mode", self.compile_mode, COMPILE_MODES)
         _check("augmentation", self.augmentation, AUGMENTS)
+        if self.cuda_graphs and self.compile and self.compile_mode in GRAPH_COMPILE_MODES:
+            raise ValueError(
+                f"cuda_graphs captures the whole step itself; compile_mode {self.compile_mode!r} "
+                "captures forward and backward as graphs of its own: use one of them (with "
+                "cuda_graphs, compile_mode 'default' or 'max-autotune-no-cudagraphs')"
+            )
         if self.iters is None and self.epochs is None:
             raise ValueError("set iters or epochs")
         if self.batch_size < 1 or (self.iters is not None and self.iters < 1):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sized
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from reslab._progress import progress_bar
 from reslab.data import InputConfig, Normalize, Split
 from reslab.data.training import TrainingData
+from reslab.models.packed import PackedNet
 from reslab.train.checkpoint import model_config
 from reslab.train.config import TrainConfig
 from reslab.train.state import RunState
@@ -27,6 +28,8 @@ __all__ = [
     "evaluate_crops",
     "evaluate_point",
     "format_record",
+    "member_errors",
+    "member_errors_point",
     "summarize",
 ]
 
@@ -244,6 +247,61 @@ def _split_report(
         if bad not in data.skipped:
             data.skipped.append(bad)
     return report
+
+
+@torch.no_grad()
+def member_errors(
+    model: PackedNet,
+    split: Split | Iterable[tuple[Tensor, Tensor]],
+    *,
+    batch_size: int = 512,
+    device: torch.device | str | None = None,
+    precision: str = "fp32",
+    channels_last: bool = False,
+    progress: bool | None = False,
+    desc: str = "eval",
+) -> list[float]:
+    """Each member's single-view error on ``split``, for a seed-packed network
+    (:class:`~reslab.models.packed.PackedNet`): every batch goes through the packed network once
+    (``forward_shared``), which computes all K members' logits; normalised by ``input_norm``."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    norm = cast(Normalize, model.input_norm)  # the trainer attaches it
+    wrong, n = torch.zeros(model.members, dtype=torch.int64), 0
+    for raw, y in progress_bar(
+        batches_of(split, batch_size), desc=desc, unit="batch", leave=False, enabled=progress,
+        total=_count(split, batch_size),
+    ):  # fmt: skip
+        x = norm(raw.to(device, non_blocking=True)).contiguous(memory_format=fmt)
+        with autocast(device, precision):
+            pred = model.forward_shared(x).argmax(-1).cpu()  # (N, K)
+        wrong += (pred != y.cpu()[:, None]).sum(0)
+        n += len(y)
+    model.train(was_training)
+    return (wrong.double() / n).tolist() if n else [math.nan] * len(wrong)
+
+
+def member_errors_point(
+    model: PackedNet,
+    data: TrainingData,
+    cfg: TrainConfig,
+    device: torch.device,
+    *,
+    progress: bool | None = False,
+) -> tuple[list[float] | None, list[float] | None]:
+    """:func:`evaluate_point` of every member of a seed-packed network: (val errors, test
+    errors), each None as there (no validation split; ``cfg.eval_test`` off)."""
+    kw = _options(cfg, device, progress)
+
+    def errors(split: str) -> list[float] | None:
+        if not data.split_size(split):
+            return None
+        batches = data.eval_batches(split, batch_size=kw["batch_size"], device=device)
+        return member_errors(model, batches, desc=split, **kw)
+
+    return errors("val"), errors("test") if cfg.eval_test else None
 
 
 def format_record(r: dict[str, Any], total: int) -> str:

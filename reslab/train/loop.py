@@ -1,9 +1,11 @@
 """``fit``: the training loop, with exact resume, fault handling and DDP.
 
-The loop itself is short; its parts live beside it: set-up (:mod:`reslab.train.setup`), the data
-(:class:`reslab.data.training.TrainingData` and its training batches), one optimiser step
-(:mod:`reslab.train.step`), the run state (:mod:`reslab.train.state`), evaluation
-(:mod:`reslab.train.evaluation`) and the run folder (:mod:`reslab.train.outputs`).
+The loop itself is short; its parts live beside it: what it trains (:mod:`reslab.train.runs`: one
+network, or :mod:`reslab.train.packed_run`: K seeds packed into one), set-up
+(:mod:`reslab.train.setup`), the data (:class:`reslab.data.training.TrainingData` and its
+training batches), the training step (:mod:`reslab.train.captured`), the run state
+(:mod:`reslab.train.state`), evaluation (:mod:`reslab.train.evaluation`) and the run folder
+(:mod:`reslab.train.outputs`).
 """
 
 from __future__ import annotations
@@ -13,45 +15,25 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from reslab._progress import progress_bar, wants_progress, write_line
-from reslab.data import DataSplits, InputConfig, Normalize
-from reslab.data.feed import TrainingBatches, endless
+from reslab.data import DataSplits, Normalize
 from reslab.data.training import TrainingData, as_training_data
-from reslab.record import run_record
-from reslab.train.checkpoint import model_config, model_record
+from reslab.models.packed import PackedNet
 from reslab.train.config import TrainConfig
-from reslab.train.evaluation import evaluate_point, format_record, summarize
-from reslab.train.outputs import RunFolder
-from reslab.train.schedule import learning_rate, train_size, wants_warmup
-from reslab.train.setup import (
-    Placement,
-    check_optimizer,
-    data_identity,
-    own_run_folder,
-    place,
-    prepare_model,
-    resume_checkpoint,
-    wrap_model,
-)
-from reslab.train.state import RunState
-from reslab.train.step import (
-    NonFiniteLossError,
-    StepOptions,
-    build_optimizer,
-    model_inputs,
-    non_finite_weights,
-    set_learning_rate,
-    train_step,
-)
+from reslab.train.packed_run import PackedRun
+from reslab.train.runs import FitResult, Run, SingleRun
+from reslab.train.schedule import train_size
+from reslab.train.setup import place
 
 __all__ = ["FitResult", "TrainingInterrupted", "fit"]
+
+#: Seconds between reads of the device for the progress bar's numbers (when it is shown)
+DISPLAY_SECONDS = 2.0
 
 
 class TrainingInterrupted(Exception):
@@ -61,14 +43,6 @@ class TrainingInterrupted(Exception):
         where = f"; resume from {checkpoint.parent}" if checkpoint else ""
         super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}{where}")
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
-
-
-@dataclass
-class FitResult:
-    model: nn.Module
-    history: list[dict[str, Any]]  # one record per evaluation point
-    summary: dict[str, Any]
-    losses: list[float] = field(default_factory=list)  # training loss of every optimiser step
 
 
 def fit(
@@ -106,6 +80,11 @@ def fit(
     of every step, before the forward pass. ``verbose`` prints a line per evaluation; ``progress``
     draws bars for the steps and evaluations (default: with ``verbose``, on a terminal). Under
     torchrun every rank calls ``fit``; rank 0 evaluates and writes.
+
+    A :class:`~reslab.models.packed.PackedNet` (:func:`~reslab.models.packed.build_packed`) is
+    trained as its K members would be by K runs with their own seeds (``cfg.seed`` is not
+    used), into ``out_dir/seed-S/`` run folders and a summary in ``out_dir``
+    (:mod:`reslab.train.packed_run`); the result lists them in ``members``.
     """
     data = as_training_data(data)
     out_dir = Path(out_dir) if out_dir is not None else None
@@ -115,259 +94,61 @@ def fit(
     where = place(cfg)
     main = where.dist.is_main
     show = main and wants_progress(False if progress is None and not verbose else progress)
-    batches = _training_batches(data, cfg, where)
-    spe = len(batches)
-    total = cfg.run_steps(spe)
-    state, norm, folder, train_model = _start(
-        model, data, batches, cfg, where, out_dir, total=total, resume=resume,
-        allow_nonempty=allow_nonempty, normalization=normalization, param_groups=param_groups,
-        run_info=run_info,
-    )  # fmt: skip
-    eval_every = cfg.eval_every or spe
+    kind = PackedRun if isinstance(model, PackedNet) else SingleRun
+    run = kind(model, data, cfg, where, out_dir, resume=resume, param_groups=param_groups,
+               run_info=run_info, normalization=normalization,
+               allow_nonempty=allow_nonempty)  # fmt: skip
     if verbose and main and cfg.resolutions:
-        _say_resolutions(data, cfg, total)
-    options = StepOptions.of(cfg, where.dist.world_size)
-    bar = progress_bar(total=total, initial=state.step, desc="train", unit="step", enabled=show)
-    model.train()
+        sizes = [train_size(round(f * run.total), run.total, cfg, data.image_size)
+                 or data.image_size for f, _ in cfg.resolutions]  # fmt: skip
+        write_line("progressive resizing, relative to the data's "
+                   f"{data.image_size[0]}x{data.image_size[1]}: "
+                   + ", ".join(f"{h}x{w}" for h, w in sizes))  # fmt: skip
+    with contextlib.closing(run):
+        return _train(run, on_step=on_step, verbose=verbose and main, show=show)
 
-    closing = contextlib.closing(folder) if folder else contextlib.nullcontext()
-    stream = endless(state.batches)  # from the position the state was taken at
-    with closing, _catch_signals() as caught, bar:
-        while state.step < total:
-            t0 = time.perf_counter()
-            images, labels = next(stream)
-            size = train_size(state.step, total, cfg, data.image_size)
-            x = model_inputs(images, norm, side=size, channels_last=cfg.channels_last)
+
+def _train(
+    run: Run,
+    *,
+    on_step: Callable[[int, nn.Module], None] | None,
+    verbose: bool,
+    show: bool,
+) -> FitResult:
+    """The loop: a step per batch, the device read only at evaluation, checkpoint and log points
+    (no host synchronisation in between: reslab.train.captured), a checkpoint and
+    :class:`TrainingInterrupted` on SIGTERM/SIGINT. Under DDP the ranks agree on stopping after
+    every step (one small read per step). The summary is written still under the signal
+    handlers: a SIGTERM or Ctrl-C then lets it finish (the final checkpoint is saved already)."""
+    cfg, total, stepper = run.cfg, run.total, run.stepper
+    eval_every = cfg.eval_every or run.steps_per_epoch
+    bar = progress_bar(total=total, initial=run.step, desc="train", unit="step", enabled=show)
+    with _catch_signals() as caught, bar:
+        t0 = shown = time.perf_counter()
+        while run.step < total:
+            images, labels = run.batch()
             if on_step is not None:
-                on_step(state.step, model)
-            lr = learning_rate(state.step, total, cfg, warming_up=state.warming)
-            set_learning_rate(state.optimizer, lr)
-            try:
-                stats = train_step(
-                    train_model, state.optimizer, state.scaler, x, labels,
-                    options=options, stop=bool(caught),
-                )  # fmt: skip
-            except NonFiniteLossError as exc:
-                raise NonFiniteLossError(
-                    f"{exc} at step {state.step} (lr {lr:g}); stopped before the optimiser step"
-                    f"{folder.last_good() if folder else ''}"
-                ) from None
-            state.record_step(stats, time.perf_counter() - t0, warmup_error=cfg.warmup_error)
-            bar.set_postfix(loss=f"{stats.loss:.3f}", err=f"{100 * stats.error:.1f}%",
-                            lr=f"{lr:.3g}", refresh=False)  # fmt: skip
+                on_step(run.step, run.model)
+            size = train_size(run.step, total, cfg, run.data.image_size)
+            stepper(images, labels, size=size, stop=bool(caught))
+            run.step += 1
             bar.update()
-
-            if state.step % eval_every == 0 or state.step == total:
-                record = _evaluation_point(state, data, cfg, where, folder, lr=lr, show=show)
-                if verbose and main:
-                    write_line(format_record(record, total))
-            if stats.stop and state.step < total:  # a signal during the last step: just finish
-                latest = folder.save(state) if folder else None
-                signum = caught[0] if caught else signal.SIGTERM
-                raise TrainingInterrupted(signum, state.step, latest)
+            stop = stepper.agree_stop() if stepper.world_size > 1 else bool(caught)
+            evaluate = run.step % eval_every == 0 or run.step == total
+            if evaluate or stop or (show and time.perf_counter() - shown > DISPLAY_SECONDS):
+                report = stepper.read()  # synchronises: the seconds below are the steps' own
+                bar.set_postfix(run.absorb(report, time.perf_counter() - t0), refresh=False)
+                if evaluate:
+                    line = run.evaluation_point(show=show)
+                    if verbose:
+                        write_line(line)
+                t0 = shown = time.perf_counter()
+            if stop and run.step < total:  # a signal during the last step: just finish
+                latest = run.save()
+                raise TrainingInterrupted(caught[0] if caught else signal.SIGTERM, run.step,
+                                          latest)  # fmt: skip
         bar.close()
-        # still under the signal handlers: a SIGTERM or Ctrl-C now lets the summary be written
-        # (the final checkpoint is saved already; a resume of it would only write the summary)
-        summary = _finish(model, data, cfg, where, state, folder, total=total, show=show,
-                          run_info=run_info)  # fmt: skip
-    return FitResult(model, state.history, summary, state.losses)
-
-
-def _start(
-    model: nn.Module,
-    data: TrainingData,
-    batches: TrainingBatches,
-    cfg: TrainConfig,
-    where: Placement,
-    out_dir: Path | None,
-    *,
-    total: int,
-    resume: bool,
-    allow_nonempty: bool,
-    normalization: Normalize | None,
-    param_groups: list[dict] | None,
-    run_info: dict[str, Any] | None,
-) -> tuple[RunState, Normalize, RunFolder | None, nn.Module]:
-    """Everything before the first step: the run folder taken (rank 0's lock), a resume checked
-    against the run (model, data, config, optimiser groups) before anything is written, the
-    model prepared, the state new or restored, the folder started. A failed check lets the
-    folder go. Returns the state, the input normalisation, the folder (rank 0) and the module
-    the step calls."""
-    identity = data_identity(data)
-    lock = None
-    if out_dir is not None:  # this process's folder, and may a fresh run start in it
-        lock = own_run_folder(out_dir, where, resume=resume, allow_nonempty=allow_nonempty)
-    try:
-        saved = None
-        if resume:
-            assert out_dir is not None
-            saved = resume_checkpoint(out_dir, cfg, total, model=model, data=identity)
-        norm = prepare_model(model, cfg, where, _input_config(data, cfg, normalization, saved))
-        state = _new_state(model, batches, cfg, where, param_groups)
-        torch.manual_seed(cfg.seed)  # global RNG: anything stochastic inside the model
-        if saved is not None:
-            assert out_dir is not None
-            check_optimizer(out_dir, saved, state.optimizer)
-            state.load_state_dict(saved)  # after the seed: the saved RNG states win
-        folder = None
-        if out_dir is not None and where.dist.is_main:
-            folder = RunFolder(out_dir, cfg, data.classes, lock=lock, data=identity)
-            folder.start(_config(model, data, identity, cfg, where, run_info), state)
-        return state, norm, folder, wrap_model(model, cfg, where)
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        raise
-
-
-def _finish(
-    model: nn.Module,
-    data: TrainingData,
-    cfg: TrainConfig,
-    where: Placement,
-    state: RunState,
-    folder: RunFolder | None,
-    *,
-    total: int,
-    show: bool,
-    run_info: dict[str, Any] | None,
-) -> dict[str, Any]:
-    """The run's summary (rank 0; ``{}`` elsewhere), written with the curves to its folder; the
-    streamed images ``skip_bad`` left out are counted in it."""
-    for bad in getattr(state.batches, "skipped", []):
-        if bad not in data.skipped:
-            data.skipped.append(bad)
-    summary: dict[str, Any] = {}
-    if where.dist.is_main:
-        summary = summarize(model, data, cfg, where.device, state, total=total,
-                            steps_per_epoch=len(state.batches), progress=show)  # fmt: skip
-    if folder is not None:
-        folder.finish(summary, state.history, title=_title(model, data, cfg, run_info))
-    return summary
-
-
-def _say_resolutions(data: TrainingData, cfg: TrainConfig, total: int) -> None:
-    """Progressive resizing's sizes, relative to the data's input size, in pixels."""
-    sizes = [train_size(round(f * total), total, cfg, data.image_size) or data.image_size
-             for f, _ in cfg.resolutions]  # fmt: skip
-    write_line("progressive resizing, relative to the data's "
-               f"{data.image_size[0]}x{data.image_size[1]}: "
-               + ", ".join(f"{h}x{w}" for h, w in sizes))  # fmt: skip
-
-
-def _training_batches(data: TrainingData, cfg: TrainConfig, where: Placement) -> TrainingBatches:
-    """This rank's training batches, augmented as ``cfg`` says, seeded by ``cfg.seed``."""
-    return data.train_batches(
-        cfg.batch_size,
-        seed=cfg.seed,
-        device=where.device,
-        augment=cfg.augmentation if cfg.augment else "none",
-        pad=cfg.pad,
-        flip=cfg.flip,
-        rank=where.dist.rank,
-        world_size=where.dist.world_size,
-    )
-
-
-def _input_config(
-    data: TrainingData,
-    cfg: TrainConfig,
-    normalization: Normalize | None,
-    saved: dict[str, Any] | None,
-) -> InputConfig:
-    """The input the model takes: a resumed run's own (its normalisation as first computed),
-    else the data's with ``normalization`` or the training images' statistics."""
-    if saved is not None and saved.get("input_config") is not None:
-        return InputConfig.from_dict(saved["input_config"])
-    return data.input.with_normalization(normalization or data.normalization(cfg.normalize))
-
-
-def _new_state(
-    model: nn.Module,
-    batches: TrainingBatches,
-    cfg: TrainConfig,
-    where: Placement,
-    param_groups: list[dict] | None,
-) -> RunState:
-    """A run at step 0: the optimiser, the gradient scaler (fp16 only) and the data source."""
-    return RunState(
-        model,
-        build_optimizer(model, cfg, param_groups),
-        torch.amp.GradScaler(where.device.type, enabled=cfg.precision == "fp16"),
-        batches,
-        warming=wants_warmup(cfg, getattr(model_config(model), "depth", None)),
-    )
-
-
-def _evaluation_point(
-    state: RunState,
-    data: TrainingData,
-    cfg: TrainConfig,
-    where: Placement,
-    folder: RunFolder | None,
-    *,
-    lr: float,
-    show: bool,
-) -> dict[str, Any]:
-    """Close the training window, evaluate (rank 0), log and checkpoint; returns the record."""
-    # a finite loss can still have non-finite gradients; the next loss would catch the broken
-    # weights, but this step's checkpoint must not keep them as "good"
-    bad = non_finite_weights(state.model)
-    if bad:
-        raise NonFiniteLossError(
-            f"non-finite weights after step {state.step} ({', '.join(bad[:3])}"
-            f"{', ...' if len(bad) > 3 else ''}): the loss was finite but not its gradients; "
-            f"stopped before checkpointing them{folder.last_good() if folder else ''}"
-        )
-    record = state.close_window(lr=lr, steps_per_epoch=len(state.batches))
-    if where.dist.is_main:
-        evaluate_point(state.model, data, cfg, where.device, record, progress=show)
-        state.history.append(record)
-    improved = state.improves(record.get("val_error"))  # before the latest checkpoint knows it
-    if folder is not None:
-        folder.log(record)
-        folder.save(state, best=improved)
-    return record
-
-
-def _config(
-    model: nn.Module,
-    data: TrainingData,
-    identity: dict[str, Any],
-    cfg: TrainConfig,
-    where: Placement,
-    run_info: dict[str, Any] | None,
-) -> dict[str, Any]:
-    """config.json: the recipe, the model, the data (how it is fed, the input the model takes,
-    where val/test came from, and its :func:`~reslab.train.setup.data_identity`), where it ran,
-    and the caller's ``run_info``."""
-    input_cfg: InputConfig = model.input_config  # type: ignore[assignment]  # prepare_model's
-    augment = data.augmentation(cfg.augmentation) if cfg.augment else "none"
-    return {
-        "train_config": cfg.to_dict(),
-        "model_config": model_config(model).to_dict(),
-        "model_kind": model_record(model)["model_kind"],
-        "data": {
-            **data.record(),
-            **identity,
-            "input": input_cfg.describe(),
-            "augmentation": augment,
-        },
-        "world_size": where.dist.world_size,
-        **run_record(where.device),
-        **(run_info or {}),
-    }
-
-
-def _title(
-    model: nn.Module, data: TrainingData, cfg: TrainConfig, run_info: dict[str, Any] | None
-) -> str:
-    """curves.png's title: the model (its registered name if the caller gave it), data, recipe."""
-    name = (run_info or {}).get("model_name")
-    if not name:
-        depth = getattr(model_config(model), "depth", None)
-        name = type(model).__name__ + (f"-{depth}" if depth else "")
-    return f"{name} on {data.name}, {cfg.recipe} recipe"
+        return run.finish(show=show)
 
 
 @contextlib.contextmanager
