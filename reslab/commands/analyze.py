@@ -42,6 +42,8 @@ HELP = {
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    """The command's flags: a table of argparse calls, over 60 lines because each flag is a
+    few lines of help; split up, the command's interface would be scattered."""
     p = sub.add_parser("analyze", help="experiments on why residual learning works (JSON + PNG)")
     exp = p.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
     for name in EXPERIMENTS:

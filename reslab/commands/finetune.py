@@ -47,6 +47,8 @@ _RUN_OPTIONS = {
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """The command's flags: a table of argparse calls, over 60 lines because each flag is a
+    few lines of help; split up, the command's interface would be scattered."""
     p = subparsers.add_parser(
         "finetune",
         help="fine-tune pretrained weights on a data set",

@@ -158,6 +158,8 @@ DEFAULT_RECIPES: dict[str, str] = {"train": "paper", "finetune": "fast", "analyz
 
 
 def _trainer_flag_specs(command: str) -> dict[str, dict[str, Any]]:
+    """argparse's arguments for each trainer flag of ``command``: a table, over 60 lines because
+    each flag is a few lines of help, defined once for train and finetune."""
     recipe = DEFAULT_RECIPES[command]
     finetune = command == "finetune"
     return {

@@ -54,6 +54,8 @@ CROPS = ("1", "10", "multiscale")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    """The command's flags: a table of argparse calls, over 60 lines because each flag is a
+    few lines of help; split up, the command's interface would be scattered."""
     p = sub.add_parser(
         "train",
         help="train a model (default: cifar_resnet20 on the bundled digits)",

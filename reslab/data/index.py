@@ -234,6 +234,35 @@ def _probe_all(
     return results
 
 
+def _class_names(layout: dict[str, dict[str, list[str]]], root: Path) -> list[str]:
+    """train/'s classes, sorted (numerically where all are numbers: 2 before 10); val/ and
+    test/ may hold no class that train/ lacks."""
+    classes = sorted(layout["train"])
+    if all(c.isdigit() for c in classes):
+        classes.sort(key=int)
+    for s in ("val", "test"):
+        unknown = sorted(set(layout[s]) - set(classes))
+        if unknown:
+            raise ValueError(f"{root}: {s} classes {unknown} have no train/ folder or rows")
+    return classes
+
+
+def _fill_missing_splits(splits: dict[str, SplitIndex]) -> list[str]:
+    """A missing test/ is held out of train/ (stratified, stated seed and size); a missing val/
+    is left to the loader. Returns the notes that say so."""
+    notes = []
+    if "test" not in splits:
+        rest, held = carve(splits["train"], fraction=HOLDOUT_FRACTION, seed=HOLDOUT_SEED)
+        splits["train"], splits["test"] = rest, held
+        notes.append(
+            f"test: no test/ split in the source: {len(held)} images ({HOLDOUT_FRACTION:.0%} of "
+            f"each train/ class, seed {HOLDOUT_SEED}) held out of train/"
+        )
+    if "val" not in splits:
+        notes.append("val: no val/ split in the source: taken from train/ by the loader")
+    return notes
+
+
 def _build(
     store: FileStore,
     layout: dict[str, dict[str, list[str]]],
@@ -244,13 +273,7 @@ def _build(
     workers: int,
     progress: bool,
 ) -> SourceIndex:
-    classes = sorted(layout["train"])
-    if all(c.isdigit() for c in classes):  # numeric labels sort as numbers: 2 before 10
-        classes.sort(key=int)
-    for s in ("val", "test"):
-        unknown = sorted(set(layout[s]) - set(classes))
-        if unknown:
-            raise ValueError(f"{root}: {s} classes {unknown} have no train/ folder or rows")
+    classes = _class_names(layout, root)
     names, labels, owner = [], [], []
     for s in SPLITS:
         for label, c in enumerate(classes):
@@ -280,16 +303,7 @@ def _build(
             )
     if not len(splits["train"]):
         raise ValueError(f"{root}: no usable training images ({len(bad)} skipped as unreadable)")
-    notes = []
-    if "test" not in splits:
-        rest, held = carve(splits["train"], fraction=HOLDOUT_FRACTION, seed=HOLDOUT_SEED)
-        splits["train"], splits["test"] = rest, held
-        notes.append(
-            f"test: no test/ split in the source: {len(held)} images ({HOLDOUT_FRACTION:.0%} of "
-            f"each train/ class, seed {HOLDOUT_SEED}) held out of train/"
-        )
-    if "val" not in splits:
-        notes.append("val: no val/ split in the source: taken from train/ by the loader")
+    notes = _fill_missing_splits(splits)
     skipped = [(store.where(n), str(r)) for n, r in bad]
     if skipped:
         warnings.warn(

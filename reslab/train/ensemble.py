@@ -151,7 +151,7 @@ def evaluate_ensemble(
     ``keep_probabilities`` also ``probabilities``, the ensemble's (N, classes) float32 tensor.
 
     Memory: the members run batch by batch on a running sum of probabilities, so nothing of size
-    members x images x classes is ever held.
+    members x images x classes is ever held. (Over 60 lines with this docstring; the body is 42.)
     """
     num_classes, norms, flips = _check_members(models, split, normalize, flip)
     k = len(models)

@@ -60,8 +60,7 @@ def fit(
     progress: bool | None = None,
     normalization: Normalize | None = None,
 ) -> FitResult:
-    """Train ``model`` on ``data``'s training split with ``cfg``; evaluate on val (and test, for
-    the curves).
+    """Train ``model`` on ``data``'s training split with ``cfg``; evaluate on val (and test).
 
     ``data``: :class:`~reslab.data.DataSplits` in memory, or any
     :class:`~reslab.data.training.TrainingData` (:func:`reslab.data.training.open_data`: image
