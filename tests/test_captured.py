@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from reslab.data import Normalize
 from reslab.models import get_config
+from reslab.models.packed import build_packed, unpack_state_dicts
 from reslab.models.zoo import build_model
 from reslab.train import NonFiniteLossError, TrainConfig, fit, learning_rate
 from reslab.train.captured import TrainStep, lr_table
@@ -172,6 +173,58 @@ def test_a_nan_loss_never_reaches_the_weights() -> None:
     assert not torch.equal(
         momentum[0], optimizer.state[next(model.parameters())]["momentum_buffer"]
     )
+
+
+def test_a_nan_in_one_member_never_reaches_its_weights() -> None:
+    """Three seed-packed members: member 1's logits are NaN at step 2 (a hook on the packed
+    classifier), under the mode that fails on any host read. Member 1's slice of the weights
+    stays what it was after step 1 through three more steps; members 0 and 2 keep training with
+    finite weights and momentum; the host learns that member 1 failed at step 2, and only it."""
+    k, classes, cfg = 3, 10, _cfg()
+    packed = build_packed(get_config("cifar_resnet20", num_classes=classes), [0, 1, 2])
+    optimizer = build_optimizer(packed, cfg)
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randint(0, 256, (16, 3 * k, 8, 8), generator=g, dtype=torch.uint8),
+         torch.randint(0, classes, (16, k), generator=g))
+        for _ in range(STEPS)
+    ]  # fmt: skip
+    norm = Normalize.fit(torch.cat([x[:, :3] for x, _ in batches]), cfg.normalize)
+    step = TrainStep(
+        packed, optimizer, members=k,
+        rates=lr_table(lambda s: learning_rate(s, STEPS, cfg), STEPS),
+        state=MemberState.create(k, warmup=False),
+        norm=Normalize(norm.mode, norm.mean.repeat(k, 1, 1), norm.std.repeat(k, 1, 1)),
+        capacity=STEPS, warmup_lr=cfg.warmup_lr, warmup_error=cfg.warmup_error,
+    )  # fmt: skip
+    for images, labels in batches[:2]:
+        step(images, labels)
+    before = unpack_state_dicts(packed)
+
+    def poison(module: nn.Module, args: object, out: Tensor) -> Tensor:
+        out = out.clone()
+        out[:, classes : 2 * classes] = math.nan  # member 1's logits
+        return out
+
+    hook = packed.body.fc.register_forward_hook(poison)
+    with _NoHostReads():
+        step(*batches[2])
+    hook.remove()
+    for images, labels in batches[3:]:
+        step(images, labels)
+    after = unpack_state_dicts(packed)
+    for name, p in packed.named_parameters():
+        assert torch.isfinite(p).all(), name
+        assert torch.isfinite(optimizer.state[p]["momentum_buffer"]).all(), name
+    weights = [n for n, _ in build_model(get_config("cifar_resnet20")).named_parameters()]
+    for name in weights:
+        assert torch.equal(after[1][name], before[1][name]), name
+    for m in (0, 2):
+        assert not torch.equal(after[m]["fc.weight"], before[m]["fc.weight"])
+    report = step.read()
+    assert report.alive == [True, False, True] and report.failed() == [1]
+    assert report.failed_step == [-1, 2, -1]
+    assert math.isnan(report.failed_loss(1)) and math.isfinite(report.losses[2][0])
 
 
 def test_warmup_follows_the_paper_rule_per_step() -> None:

@@ -243,6 +243,7 @@ def test_cli_trains_and_resumes_seeds(tmp_path: Path, capsys) -> None:
     assert ckpt["step"] == 6
     assert main(["eval", str(out / "seed-3"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["step"] == 6
+    _members_serve_eval_and_predict(out, ["seed-3", "seed-5"], tmp_path, capsys)
     for bad, message in (
         (["--seed", "1", "--seeds", "0", "1"], "--seed and --seeds exclude each other"),
         (["--seeds", "0", "0"], "more than once"),
@@ -252,3 +253,36 @@ def test_cli_trains_and_resumes_seeds(tmp_path: Path, capsys) -> None:
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     assert isinstance(build_packed(_config(), [0]), PackedNet)
+
+
+def _members_serve_eval_and_predict(out: Path, names: list[str], tmp_path: Path, capsys) -> None:
+    """What ``reslab train --seeds`` wrote is read by the other commands as ordinary runs:
+    ``reslab eval OUT --ensemble`` expands the parent folder into its members (the same report
+    as naming the member folders), and ``reslab predict`` of a member folder answers what its
+    best checkpoint, loaded as an ordinary model, computes for each image."""
+    from PIL import Image
+
+    from reslab.data import load_data
+
+    capsys.readouterr()
+    assert main(["eval", str(out), "--ensemble", "--json"]) == 0
+    [packed] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert main(["eval", *(str(out / n) for n in names), "--ensemble", "--json"]) == 0
+    [separate] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert packed["members"] == len(names) and packed == separate
+    assert [r["checkpoint"] for r in packed["member_runs"]] == [str(out / n / BEST) for n in names]
+
+    images = load_data("digits").test.images[:12]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image[0].numpy()).save(folder / f"{i:02d}.png")
+    member = out / names[-1]
+    assert main(["predict", str(member), str(folder), "--json", "--topk", "1",
+                 "--image-size", "8"]) == 0  # fmt: skip
+    rows = {Path(r["image"]).name: int(r["top"][0]["class"])
+            for r in map(json.loads, capsys.readouterr().out.splitlines())}  # fmt: skip
+    model = load_model(member / BEST).eval()
+    with torch.no_grad():
+        expected = model(model.input_norm(images)).argmax(1).tolist()
+    assert [rows[f"{i:02d}.png"] for i in range(len(images))] == expected
