@@ -9,15 +9,15 @@ The plan, in order (He et al. 2015 §4.2 ``paper`` recipe, CIFAR-10 JPEG, seeds 
 2. He et al. 2016, Table 2: the five unit orderings on ResNet-110 (``original`` is Table 6's row).
 3. He et al. 2016, Table 3: ResNet-164 and ResNet-1001, original against full pre-activation.
 
-Each command works for at most ``--budget`` seconds (default 540, so a command with start-up stays
-under 10 minutes): it continues the unfinished job first, then starts the next ones, and stops
-the run in flight at the budget (the trainer checkpoints on SIGTERM; the next command resumes it
-exactly). ``--state DIR`` holds ``state.json`` (what is done, per job and seed, with each
-command's wall time) and the run folders; it is all a new machine needs to continue, and
-``--export DIR`` copies exactly that (the state and the run folders still in flight) for a
-machine whose disk does not survive. After every command the results are written as JSON
-(``--json``, default benchmarks/results/gpu_plan.json) and as tables in ``--docs`` (default
-docs/results.md, between the gpu_plan markers; the rest of the file is left as it is).
+Each command works for at most ``--budget`` seconds (default 540, at most 570, so a command with
+start-up and the report stays under 10 minutes): it skips finished jobs, continues the unfinished
+one first, then starts the next ones, and stops the run in flight at the budget (the trainer
+checkpoints on SIGTERM; the next command resumes it exactly). ``--state DIR`` holds ``state.json``
+(what is done, per job and seed, with each command's wall time) and the run folders; it is all a new
+machine needs to continue, and ``--export DIR`` copies exactly that (the state and the run folders
+still in flight) for a machine whose disk does not survive. After every command the results are
+written as JSON (``--json``, default benchmarks/results/gpu_plan.json) and as tables in ``--docs``
+(default docs/results.md, between the gpu_plan markers; the rest of the file is left as it is).
 ``--report`` only rewrites those two from the state.
 
 Runners (both with the job's model options, e.g. an ordering, which the CLI has no flag for):
@@ -50,6 +50,7 @@ SEEDS = (0, 1, 2, 3, 4)
 BEGIN, END = "<!-- gpu_plan:begin -->", "<!-- gpu_plan:end -->"
 STOP_MARGIN = 30.0  # seconds between SIGTERM and the budget: the trainer finishes its step,
 #                     checkpoints and exits; a run still alive STOP_MARGIN later is killed
+MAX_BUDGET = 570.0  # a command's budget at most: with start-up and the report, under 10 minutes
 
 # CIFAR-10 test error (%) the papers report, on the original pixels and all 50k training images.
 # He et al. 2015, Table 6 (ResNet-110: best of 5 runs, then mean ± std).
@@ -340,7 +341,7 @@ def train_job(spec: dict[str, Any]) -> int:
     import torch
 
     from reslab.data import load_data
-    from reslab.models import build_model, get_config
+    from reslab.models import ResNetConfig, build_model, get_config
     from reslab.models.packed import build_packed
     from reslab.train import TrainConfig, TrainingInterrupted, fit
     from reslab.train.checkpoint import LATEST, load_model
@@ -359,7 +360,9 @@ def train_job(spec: dict[str, Any]) -> int:
     resume = (out / LATEST).exists()
     config = get_config(spec["model"], in_channels=splits.in_channels,
                         num_classes=splits.num_classes, **spec["options"])  # fmt: skip
+    model: torch.nn.Module
     if "seeds" in spec:  # resumed or not, the weights are the members' (or the checkpoint's)
+        assert isinstance(config, ResNetConfig)  # every job of the plan is a ResNet
         model = build_packed(config, spec["seeds"])
     elif resume:
         model = load_model(out / LATEST).train()
@@ -572,11 +575,16 @@ def export(jobs: list[Job], state_dir: Path, runner: Runner, dest: Path) -> list
     return copied
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", help="CIFAR-10, e.g. a JPEG zip such as cifar10-jpeg.zip")
     p.add_argument("--state", type=Path, default=ROOT / "runs" / "gpu_plan")
-    p.add_argument("--budget", type=float, default=540.0, help="seconds this command may work")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=540.0,
+        help=f"seconds this command may work (at most {MAX_BUDGET:.0f})",
+    )
     p.add_argument("--runner", choices=("packed", "sequential"), default="packed")
     p.add_argument("--jobs", nargs="+", metavar="KEY", help="only these jobs (default: all)")
     p.add_argument("--device", default="cuda")
@@ -603,7 +611,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs", type=Path, default=ROOT / "docs/results.md")
     p.add_argument("--member", help=argparse.SUPPRESS)  # a SequentialRunner subprocess
     p.add_argument("--packed", help=argparse.SUPPRESS)  # a PackedRunner subprocess
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
+    if not STOP_MARGIN < args.budget <= MAX_BUDGET:
+        p.error(
+            f"--budget must be above {STOP_MARGIN:.0f} and at most {MAX_BUDGET:.0f} seconds (a "
+            f"command stays under 10 minutes; run it again to go on), got {args.budget:g}"
+        )
     if args.member or args.packed:
         return train_job(json.loads(args.member or args.packed))
     jobs = make_plan(tuple(args.seeds))

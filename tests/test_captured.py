@@ -29,12 +29,8 @@ from reslab.train.step import build_optimizer
 STEPS = 6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny convolutions on a shared 2-core machine: a second thread only waits
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _NoHostReads(TorchDispatchMode):
