@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from _common import write_result
 
 from reslab.data import DataSplits, Normalize, Split
-from reslab.models import build_model, get_config
+from reslab.models import ResNetConfig, build_model, get_config
 from reslab.models.packed import build_packed
 from reslab.train import TrainConfig, fit
 from reslab.train.captured import GRAPH_WARMUP_STEPS, TrainStep, lr_table
@@ -79,16 +79,20 @@ def make_variants(
     graphs: bool,
     total_steps: int,
 ) -> dict[str, tuple[Callable[[], None], int, list[TrainStep]]]:
-    """name -> (one training step, images it trains on, the TrainSteps to read after a round)."""
+    """name -> (one training step, images it trains on, the TrainSteps to read after a round).
+
+    One function (over 60 lines) because the four variants share one set of batches, normalisation
+    and rate table, which split functions would only pass around."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     cfg = TrainConfig.preset("paper", channels_last=channels_last, cuda_graphs=graphs)
     mcfg = get_config(model_name)
+    assert isinstance(mcfg, ResNetConfig)  # packing takes convolutional ResNets
     xs, ys = _uint8_batches(k, batch, device)
     norm = Normalize.fit(torch.cat(xs).cpu(), "pixel")
     rates = lr_table(lambda s: cfg.lr, total_steps, device)
 
     def trainer_step(model: torch.nn.Module, members: int, step_norm: Normalize) -> TrainStep:
-        model.to(device, memory_format=fmt).train()
+        model.to(device).to(memory_format=fmt).train()
         return TrainStep(
             model,
             build_optimizer(model, cfg),
@@ -109,7 +113,7 @@ def make_variants(
         singles.append(trainer_step(build_model(mcfg), 1, norm))
 
     torch.manual_seed(0)
-    plain = build_model(mcfg).to(device, memory_format=fmt).train()
+    plain = build_model(mcfg).to(device).to(memory_format=fmt).train()
     plain_opt = torch.optim.SGD(
         plain.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
@@ -139,6 +143,26 @@ def make_variants(
     }
 
 
+def _layout(channels_last: bool) -> str:
+    return "channels_last" if channels_last else "NCHW"
+
+
+def _ratios(rates: dict[str, list[float]], layout: str) -> dict[str, float]:
+    """Each ratio of two variants in ``layout``: the median of the ratios within a round."""
+    pairs = {
+        "packed / one": ("packed", "one"),
+        "sequential / one": ("sequential", "one"),
+        "packed / sequential": ("packed", "sequential"),
+        "one / one, plain loop": ("one", "one, plain loop"),
+    }
+    return {
+        key: statistics.median(
+            a / b for a, b in zip(rates[f"{num}, {layout}"], rates[f"{den}, {layout}"], strict=True)
+        )
+        for key, (num, den) in pairs.items()
+    }
+
+
 def step_rates(args: argparse.Namespace, model_name: str, device: torch.device) -> dict:
     """Part 1 for one model: rates per variant and layout, and the ratios within rounds."""
     layouts = (True,) if device.type == "cuda" else (False, True)
@@ -146,7 +170,7 @@ def step_rates(args: argparse.Namespace, model_name: str, device: torch.device) 
     total = 2 * (warmup + args.rounds * args.steps)  # "one" and "sequential" share a step
     variants = {}
     for cl in layouts:
-        layout = "channels_last" if cl else "NCHW"
+        layout = _layout(cl)
         made = make_variants(
             model_name,
             args.members,
@@ -161,8 +185,8 @@ def step_rates(args: argparse.Namespace, model_name: str, device: torch.device) 
     for step, _, readers in variants.values():
         for _ in range(warmup):
             step()
-        for r in readers:
-            r.read()
+        for reader in readers:
+            reader.read()
     rates: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(args.rounds):
         for name, (step, images, readers) in variants.items():
@@ -177,26 +201,7 @@ def step_rates(args: argparse.Namespace, model_name: str, device: torch.device) 
         print(
             f"{model_name}: round {r + 1}/{args.rounds} (load {os.getloadavg()[0]:.1f})", flush=True
         )
-    pairs = {
-        "packed / one": ("packed", "one"),
-        "sequential / one": ("sequential", "one"),
-        "packed / sequential": ("packed", "sequential"),
-        "one / one, plain loop": ("one", "one, plain loop"),
-    }
-    ratios = {
-        ("channels_last" if cl else "NCHW"): {
-            key: statistics.median(
-                a / b
-                for a, b in zip(
-                    rates[f"{num}, {'channels_last' if cl else 'NCHW'}"],
-                    rates[f"{den}, {'channels_last' if cl else 'NCHW'}"],
-                    strict=True,
-                )
-            )
-            for key, (num, den) in pairs.items()
-        }
-        for cl in layouts
-    }
+    ratios = {_layout(cl): _ratios(rates, _layout(cl)) for cl in layouts}
     rows = [
         {"variant": n, "images_per_second": statistics.median(v), "per_round": v}
         for n, v in rates.items()
@@ -217,7 +222,7 @@ def _conv_pair(
 
     def conv(c: int, groups: int) -> torch.nn.Conv2d:
         layer = torch.nn.Conv2d(c, c, 3, padding=1, groups=groups, bias=False)
-        return layer.to(device, memory_format=fmt)
+        return layer.to(device).to(memory_format=fmt)
 
     def batch_of(c: int) -> torch.Tensor:
         x = torch.randn(batch, c, side, side, device=device)
@@ -234,7 +239,8 @@ def _conv_pair(
         grouped(xk).sum().backward()
 
     times: dict[str, list[float]] = {"separate": [], "grouped": []}
-    separate(), packed()  # the first calls create the oneDNN primitives
+    separate()  # the first calls create the oneDNN primitives
+    packed()
     for _ in range(repeats):
         for name, fn in (("separate", separate), ("grouped", packed)):
             _sync(device)
@@ -301,6 +307,7 @@ def trainer_rates(args: argparse.Namespace, model_name: str, device: torch.devic
         threads=args.threads,
     )
     mcfg = get_config(model_name)
+    assert isinstance(mcfg, ResNetConfig)  # packing takes convolutional ResNets
     out = {}
     for label, seeds in (("one", [0]), ("packed", list(range(args.members)))):
         model = build_packed(mcfg, seeds) if len(seeds) > 1 else _seeded(mcfg, seeds[0])
@@ -323,7 +330,7 @@ def _seeded(mcfg: object, seed: int) -> torch.nn.Module:
     return build_model(mcfg)  # type: ignore[arg-type]
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
         "--models",
@@ -352,7 +359,11 @@ def main() -> None:
     )
     ap.add_argument("--conv-repeats", type=int, default=5, help="0: skip the convolution check")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/packed_step.json")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
