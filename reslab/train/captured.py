@@ -284,7 +284,12 @@ class TrainStep:
         # allocates in the graph's pool are rewritten, not accumulated, by every replay
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: a streaming run's DataLoader pin-memory thread allocates pinned host
+        # memory (cudaHostAlloc) while the capture may be underway; under the default "global"
+        # mode that call from another thread breaks the capture and poisons the thread. It never
+        # touches the capturing stream, so only this thread's unsafe calls need to be refused
+        # (torch.cuda.graph's capture_error_mode, CUDA's cudaStreamCaptureModeThreadLocal)
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self._step(capturing=True)
         g.graph = graph
         graph.replay()  # this step
