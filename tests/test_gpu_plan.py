@@ -102,6 +102,31 @@ def test_gpu_plan_covers_the_papers_tables(gpu_plan) -> None:
             assert cfg.depth in (164, 1001) and cfg.block == "bottleneck"
         if job.key.startswith("table2") or job.key == "table6/resnet110":
             assert cfg.depth == 110
+        # activation checkpointing where five packed members would not fit in 80 GB otherwise
+        assert dict(job.train_options) == ({"grad_checkpointing": True} if "1001" in job.key
+                                           else {})  # fmt: skip
+
+
+def test_gpu_plan_runners_pass_the_jobs_recipe_options(gpu_plan, tmp_path, monkeypatch) -> None:
+    """What a training process is told: the job's model options and its recipe options on top
+    of the runner's (ResNet-1001 checkpoints activations; CUDA graphs stay on)."""
+    specs = []
+
+    def record(args, run_dir, seconds):
+        specs.append(json.loads(args[1]))
+        return 0, ""
+
+    monkeypatch.setattr(gpu_plan, "train_process", record)
+    [job] = [j for j in gpu_plan.make_plan((0, 1)) if j.key == "table3/resnet1001-full_preact"]
+    for runner_type in (gpu_plan.PackedRunner, gpu_plan.SequentialRunner):
+        runner = runner_type("d.zip", "cuda", 2, None, {"cuda_graphs": True})
+        runner.run(job, tmp_path, {}, deadline=100)
+    # one packed process of both seeds; the sequential runner's seed 0 wrote no summary, so
+    # it counts as stopped at the deadline and seed 1 waits for the next command
+    assert [spec.get("seeds", spec.get("seed")) for spec in specs] == [[0, 1], 0]
+    for spec in specs:
+        assert spec["options"] == {"ordering": "full_preact"}
+        assert spec["train_options"] == {"cuda_graphs": True, "grad_checkpointing": True}
 
 
 def test_gpu_plan_resumes_across_commands_within_the_budget(gpu_plan, tmp_path) -> None:

@@ -248,6 +248,12 @@ class PackedNet(nn.Module):
         (evaluation, and an ensemble of the members for the cost of one wide forward)."""
         return self(x.repeat(1, self.members, 1, 1))
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """The members' network's activation checkpointing (``ResNet.set_grad_checkpointing``):
+        each packed unit keeps only its input, so K members of ResNet-1001 fit where one
+        without it would need the memory of several."""
+        self.body.set_grad_checkpointing(enable)
+
     def extra_repr(self) -> str:
         return f"members={self.members}, seeds={self.seeds}"
 
