@@ -79,10 +79,11 @@ def test_feature_levels_of_every_shortcut_variant(overrides: dict) -> None:
     _check_feature_levels(create_model("cifar_resnet20", layers=(1, 1, 1), **overrides).eval())
 
 
-def _check_feature_levels(model: ResNet) -> None:
+def _check_feature_levels(model: nn.Module) -> None:
     """features_only, torchvision's create_feature_extractor (torch.fx) and the stage outputs of
     forward_features agree exactly; shapes match feature_info's channels and reductions; the fx
     graph computes the eager model; reset_classifier(0) leaves the pooled features."""
+    assert isinstance(model, ResNet)
     x = _input(model)
     info = model.feature_info
     with torch.no_grad():
