@@ -3,9 +3,11 @@ and CIFAR batches checked (labels, shapes, entries) before a run folder is writt
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import tarfile
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from reslab.cli import main
 from reslab.data import load_data
@@ -162,3 +165,82 @@ def test_a_good_cifar_archive_still_loads(tmp_path: Path) -> None:
     a = load_data(str(archive), cache_dir=tmp_path / "c1", val_size=0)
     b = load_data(str(root), cache_dir=tmp_path / "c2", val_size=0)
     assert a.classes == CLASSES and (a.train.images == b.train.images).all()
+
+
+# -- the decode and index caches: never in the way ------------------------------------------------
+
+
+def _image_folder(root: Path) -> Path:
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for label in ("a", "b"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(3):
+                pixels = np.full((8, 8, 3), 40 * i + (label == "b"), np.uint8)
+                Image.fromarray(pixels).save(root / split / label / f"{i}.png")
+    return root
+
+
+def _damage(file: Path, how: str) -> None:
+    if how == "truncated":
+        file.write_bytes(file.read_bytes()[:100])
+    elif how == "folder":
+        file.unlink()
+        file.mkdir()
+    else:  # a named pipe: opening it for reading waits for a writer that never comes
+        file.unlink()
+        os.mkfifo(file)
+
+
+class _Hung(BaseException):
+    """Not an Exception: the cache's own ``except Exception`` must not take it for damage."""
+
+
+@contextlib.contextmanager
+def _no_hang(seconds: int = 20):
+    """Turn a hang (a read that never returns) into a failure instead of a stuck test run."""
+
+    def hung(signum: int, frame: object) -> None:
+        raise _Hung(f"still blocked after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("how", ["truncated", "folder", "pipe"])
+@pytest.mark.parametrize("kind", ["pt", "index.json.gz"])
+def test_an_unusable_cache_file_is_decoded_again(tmp_path: Path, how: str, kind: str) -> None:
+    """A damaged, foreign or special file where a cache file belongs costs a warning and a fresh
+    decode of the same pixels; a named pipe there blocked every later load forever."""
+    root = _image_folder(tmp_path / "photos")
+    cache = tmp_path / "cache"
+    first = load_data(str(root), cache_dir=cache, val_size=0)
+    (file,) = cache.glob(f"photos.*.{kind}")
+    if kind != "pt":  # the decoded tensors' cache would answer before the index is read
+        next(cache.glob("photos.*.pt")).unlink()
+    _damage(file, how)
+    with _no_hang(), pytest.warns(UserWarning, match=f"unusable .*cache {file}"):
+        again = load_data(str(root), cache_dir=cache, val_size=0)
+    assert torch.equal(again.train.images, first.train.images)
+    assert torch.equal(again.test.labels, first.test.labels)
+
+
+def test_writing_a_cache_removes_the_temp_files_of_killed_writers(tmp_path: Path) -> None:
+    """A writer killed mid-write leaves ``.NAME.PID.tmp`` in the cache folder: the next cache
+    write there removes it (its process is gone) and keeps a live writer's."""
+    root = _image_folder(tmp_path / "photos")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    dead = cache / ".photos.0123456789abcdef.pt.999999999.tmp"  # no such process
+    live = cache / f".photos.0123456789abcdef.pt.{os.getpid()}.tmp"
+    dead.write_bytes(b"half a tensor file")
+    live.write_bytes(b"being written")
+    load_data(str(root), cache_dir=cache, val_size=0)
+    assert not dead.exists() and live.exists()
+    assert sorted(p.suffix for p in cache.iterdir() if p != live) == [".gz", ".pt"]
