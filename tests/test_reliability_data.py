@@ -244,3 +244,27 @@ def test_writing_a_cache_removes_the_temp_files_of_killed_writers(tmp_path: Path
     load_data(str(root), cache_dir=cache, val_size=0)
     assert not dead.exists() and live.exists()
     assert sorted(p.suffix for p in cache.iterdir() if p != live) == [".gz", ".pt"]
+
+
+def test_resizing_in_memory_data_is_bounded_before_it_is_allocated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--image-size` upsizes data held in memory (the digits, CIFAR batches) all at once:
+    `--image-size 100000` on the digits asked the allocator for 13 TB and ended in a traceback.
+    The size is now checked against the in-memory budget before anything is allocated (here a
+    budget of 1 MiB against the digits at 64 px, 7 MiB)."""
+    import reslab.data.memory as memory
+    from reslab.data.reading import open_data
+
+    monkeypatch.setattr(memory, "memory_budget", lambda: 2**20)
+    with pytest.raises(
+        ValueError,
+        match=r"digits: resizing .* 8x8 to 64x64 .*over the in-memory budget of 1\.0 MiB",
+    ):
+        open_data("digits", image_size=64, cache_dir=tmp_path / "c")
+    assert open_data("digits", image_size=16, cache_dir=tmp_path / "c").input.size == (16, 16)
+    run = tmp_path / "run"
+    assert main(["train", "--data", "digits", "--image-size", "64", "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "over the in-memory budget" in err, err
+    assert not run.exists()
