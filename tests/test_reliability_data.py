@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import pickle
 import signal
@@ -268,3 +269,38 @@ def test_resizing_in_memory_data_is_bounded_before_it_is_allocated(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "over the in-memory budget" in err, err
     assert not run.exists()
+
+
+# -- labels of image sources ----------------------------------------------------------------------
+
+
+def test_labels_of_image_sources_are_checked_against_the_training_classes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A test class no training image has (a folder or a CSV row), and packed shards whose
+    manifest holds a label outside its class names, are refused by name before a run starts."""
+    from reslab.data.shards import MANIFEST, PackConfig, pack
+
+    folder = _image_folder(tmp_path / "photos")
+    (folder / "test" / "b").rename(folder / "test" / "c")
+    rows = ["path,label,split"] + [
+        f"{p.relative_to(folder)},{p.parent.name},{p.parts[-3]}" for p in folder.rglob("*.png")
+    ]
+    (folder / "list.csv").write_text("\n".join(rows) + "\n")
+    for source in (folder, folder / "list.csv"):
+        with pytest.raises(ValueError, match=rf"{source.name}: test classes \['c'\] have no train"):
+            load_data(str(source), cache_dir=tmp_path / "c", val_size=0)
+        run = tmp_path / "run"
+        assert main(["train", "--iters", "1", "--data", str(source), "--out", str(run)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "test classes ['c']" in err and not run.exists()
+    (folder / "test" / "c").rename(folder / "test" / "b")
+    (folder / "list.csv").unlink()
+    shards = tmp_path / "shards"
+    pack(folder, shards, PackConfig(shard_samples=4), workers=1, progress=False,
+         cache_dir=tmp_path / "c")  # fmt: skip
+    manifest = json.loads((shards / MANIFEST).read_text())
+    manifest["splits"]["train"]["labels"][0] = 2  # two classes: 0 and 1
+    (shards / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=rf"{MANIFEST}: labels out of range for 2 classes"):
+        load_data(str(shards), cache_dir=tmp_path / "c2", val_size=0)
