@@ -64,6 +64,7 @@ CASES: list[tuple[list[str], str]] = [
     (["finetune", *FROM, "--iters", "2", "--eval-every", "-5", "--out", "run"], "--eval-every"),
     (["predict", "missing.pt", "x.png", "--topk", "0"], "--topk"),
     (["predict", "missing.pt", "x.png", "--image-size", "0"], "--image-size"),
+    (["data", "pack", "src", "dest", "--max-side", "4"], "--max-side"),  # PackConfig's minimum
 ]
 
 
@@ -131,7 +132,13 @@ def _numeric_flags() -> list[tuple[str, argparse.Action]]:
 # the validators whose range starts at 0 (a seed, a count of held-out images or workers, ...)
 ZERO_OK = {options.nonnegative_int, options.nonnegative_float, options.seed, options.worker_count}
 # the validators with an upper end: image sides (memory) and threads/processes (a fork bomb)
-BOUNDED = {options.image_side, options.process_count, options.worker_count, options.resize_side}
+BOUNDED = {
+    options.image_side,
+    options.pack_side,
+    options.process_count,
+    options.worker_count,
+    options.resize_side,
+}
 NUMERIC = _numeric_flags()
 
 
@@ -194,4 +201,4 @@ def test_image_sides_and_process_counts_have_an_upper_end(
     )
     assert "in [" in last and str(top) in last
     assert action.type(str(top)) == top  # type: ignore[misc]
-    assert len(BOUNDED_FLAGS) >= 14  # every --image-size/--input-size/--resize/--threads/--workers
+    assert len(BOUNDED_FLAGS) >= 15  # every --image-size/--input-size/--resize/--threads/--workers

@@ -9,7 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
-from reslab.commands.options import image_side, jpeg_quality, positive_int, process_count
+from reslab.commands.options import (
+    image_side,
+    jpeg_quality,
+    pack_side,
+    positive_int,
+    process_count,
+)
 from reslab.data.feed import choose_loader
 from reslab.data.images import Limits
 from reslab.data.index import SourceIndex, index_source
@@ -40,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pk.add_argument("dest", help="folder for the shards (created; a rerun resumes)")
     pk.add_argument(
         "--max-side",
-        type=image_side,
+        type=pack_side,
         default=None,
         help="longer side at most N pixels (aspect kept); default: sizes unchanged",
     )

@@ -26,6 +26,7 @@ import torch
 from reslab._io import FolderLock
 from reslab.data.feed import LOADERS
 from reslab.data.images import DEFAULT_LIMITS
+from reslab.data.shards import MIN_MAX_SIDE
 from reslab.data.training import AUGMENTS
 from reslab.train import PRESETS, TrainConfig
 from reslab.train.config import COMPILE_MODES, DEVICES, PRECISIONS
@@ -52,6 +53,7 @@ __all__ = [
     "image_side",
     "nonnegative_float",
     "nonnegative_int",
+    "pack_side",
     "packed_seeds",
     "positive_float",
     "positive_int",
@@ -118,6 +120,11 @@ jpeg_quality = _checked("jpeg_quality", int, lambda v: 1 <= v <= 100, "an intege
 seed = _checked("seed", int, lambda v: 0 <= v <= MAX_SEED, "an integer", "in [0, 2**63 - 1]")
 _SIDES, _PROCS = f"in [1, {MAX_IMAGE_SIDE}]", f"in [1, {MAX_PROCESSES}]"
 image_side = _checked("image_side", int, lambda v: 1 <= v <= MAX_IMAGE_SIDE, "an integer", _SIDES)
+#: ``reslab data pack --max-side``: what :class:`reslab.data.shards.PackConfig` takes.
+pack_side = _checked(
+    "pack_side", int, lambda v: MIN_MAX_SIDE <= v <= MAX_IMAGE_SIDE, "an integer",
+    f"in [{MIN_MAX_SIDE}, {MAX_IMAGE_SIDE}]",
+)  # fmt: skip
 #: Threads or processes: at least one.
 process_count = _checked(
     "process_count", int, lambda v: 1 <= v <= MAX_PROCESSES, "an integer", _PROCS
