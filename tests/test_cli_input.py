@@ -7,6 +7,7 @@ written: no run folder, no ``runs/``, no traceback.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -146,35 +147,40 @@ def _flag_id(case: tuple[str, argparse.Action]) -> str:
     return f"{case[0]} {case[1].option_strings[-1]}"
 
 
-def _refused(path: str, flag: str, value: str, tmp_path: Path, capsys) -> str:
-    """The one-line parser error for ``reslab PATH FLAG VALUE``; nothing written."""
-    assert _exit_status([*path.split(), flag, value]) == 2, f"{path} {flag} {value} accepted"
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith(f"reslab {path}: error: argument {flag}") and value in last, err
-    assert list(tmp_path.iterdir()) == []
-    return last
+@pytest.fixture
+def refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Callable[[str, str, str], str]:
+    """``refused(PATH, FLAG, VALUE)``: the one-line parser error for ``reslab PATH FLAG VALUE``,
+    checked to be exit status 2 naming the flag, with nothing written."""
+    monkeypatch.chdir(tmp_path)
+
+    def check(path: str, flag: str, value: str) -> str:
+        assert _exit_status([*path.split(), flag, value]) == 2, f"{path} {flag} {value} accepted"
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(f"reslab {path}: error: argument {flag}") and value in last, err
+        assert list(tmp_path.iterdir()) == []
+        return last
+
+    return check
 
 
 @pytest.mark.parametrize("case", NUMERIC, ids=[_flag_id(c) for c in NUMERIC])
 def test_every_numeric_flag_refuses_zero_negative_and_non_finite_values(
-    case: tuple[str, argparse.Action],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    case: tuple[str, argparse.Action], refused: Callable[[str, str, str], str]
 ) -> None:
     """0 (where the flag has no use for it), -1, nan and inf given to any numeric flag of any
     subcommand: exit status 2 and one line naming the flag and the value, nothing written."""
     path, action = case
-    monkeypatch.chdir(tmp_path)
     flag = action.option_strings[-1]
     for value in ("-1", "nan", "inf"):
-        _refused(path, flag, value, tmp_path, capsys)
+        refused(path, flag, value)
     if action.type in ZERO_OK:
         assert action.type("0") == 0  # type: ignore[misc]
     else:
-        _refused(path, flag, "0", tmp_path, capsys)
+        refused(path, flag, "0")
 
 
 BOUNDED_FLAGS = [c for c in NUMERIC if c[1].type in BOUNDED]
@@ -182,18 +188,14 @@ BOUNDED_FLAGS = [c for c in NUMERIC if c[1].type in BOUNDED]
 
 @pytest.mark.parametrize("case", BOUNDED_FLAGS, ids=[_flag_id(c) for c in BOUNDED_FLAGS])
 def test_image_sides_and_process_counts_have_an_upper_end(
-    case: tuple[str, argparse.Action],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    case: tuple[str, argparse.Action], refused: Callable[[str, str, str], str]
 ) -> None:
     """`--image-size 100000` on the digits asked the allocator for 13 TB (a traceback);
     `--workers 100000` would fork 100000 copies of the process. Both are parser errors now, and
     the largest value allowed still passes."""
     path, action = case
-    monkeypatch.chdir(tmp_path)
     flag = action.option_strings[-1]
-    last = _refused(path, flag, "100000", tmp_path, capsys)
+    last = refused(path, flag, "100000")
     top = (
         options.MAX_PROCESSES
         if action.type in (options.process_count, options.worker_count)
