@@ -304,3 +304,25 @@ def test_labels_of_image_sources_are_checked_against_the_training_classes(
     (shards / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=rf"{MANIFEST}: labels out of range for 2 classes"):
         load_data(str(shards), cache_dir=tmp_path / "c2", val_size=0)
+
+
+def test_a_list_that_is_not_utf8_text_or_too_large_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A CSV list in another encoding ended in `reslab train: error: 'utf-8' codec can't decode
+    byte 0xff in position 11`, naming no file; a list is read whole, so its size is bounded
+    before it is read."""
+    import reslab.data.lists as lists
+
+    latin = tmp_path / "latin1.csv"
+    latin.write_bytes("path,label\ncafé.png,a\n".encode("latin-1"))
+    run = tmp_path / "run"
+    assert main(["train", "--iters", "1", "--data", str(latin), "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{latin}: not UTF-8 text" in err, err
+    assert not run.exists()
+    big = tmp_path / "big.csv"
+    big.write_text("path,label\n" + "x.png,a\n" * 200)
+    monkeypatch.setattr(lists, "MAX_LIST_BYTES", 1000)
+    with pytest.raises(ValueError, match=rf"{big}: 1,611 bytes, over the 1,000 a list may have"):
+        lists.read_list(big)
