@@ -118,21 +118,35 @@ nonnegative_float = _checked(
 fraction = _checked("fraction", float, lambda v: 0 < v <= 1, "a number", "in (0, 1]")
 jpeg_quality = _checked("jpeg_quality", int, lambda v: 1 <= v <= 100, "an integer", "in [1, 100]")
 seed = _checked("seed", int, lambda v: 0 <= v <= MAX_SEED, "an integer", "in [0, 2**63 - 1]")
-_SIDES, _PROCS = f"in [1, {MAX_IMAGE_SIDE}]", f"in [1, {MAX_PROCESSES}]"
-image_side = _checked("image_side", int, lambda v: 1 <= v <= MAX_IMAGE_SIDE, "an integer", _SIDES)
+
+
+def _between(name: str, low: int, high: int) -> Callable[[str], int]:
+    """The argparse type ``name``: an integer in [``low``, ``high``]; the message says which end
+    was passed (``must be >= 1``, ``must be <= 8192``)."""
+
+    def check(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be an integer in [{low}, {high}], got {text!r}"
+            ) from None
+        if value < low or value > high:
+            end = f">= {low}" if value < low else f"<= {high}"
+            raise argparse.ArgumentTypeError(f"must be {end}, got {text}")
+        return value
+
+    check.__name__ = check.__qualname__ = name
+    return check
+
+
+image_side = _between("image_side", 1, MAX_IMAGE_SIDE)
 #: ``reslab data pack --max-side``: what :class:`reslab.data.shards.PackConfig` takes.
-pack_side = _checked(
-    "pack_side", int, lambda v: MIN_MAX_SIDE <= v <= MAX_IMAGE_SIDE, "an integer",
-    f"in [{MIN_MAX_SIDE}, {MAX_IMAGE_SIDE}]",
-)  # fmt: skip
+pack_side = _between("pack_side", MIN_MAX_SIDE, MAX_IMAGE_SIDE)
 #: Threads or processes: at least one.
-process_count = _checked(
-    "process_count", int, lambda v: 1 <= v <= MAX_PROCESSES, "an integer", _PROCS
-)
+process_count = _between("process_count", 1, MAX_PROCESSES)
 #: DataLoader workers: 0 loads in the main process.
-worker_count = _checked(
-    "worker_count", int, lambda v: 0 <= v <= MAX_PROCESSES, "an integer", f"in [0, {MAX_PROCESSES}]"
-)
+worker_count = _between("worker_count", 0, MAX_PROCESSES)
 
 
 def resize_side(text: str) -> int | str | None:
@@ -140,14 +154,12 @@ def resize_side(text: str) -> int | str | None:
     if text in ("auto", "none"):
         return None if text == "none" else text
     try:
-        value = int(text)
+        int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"must be a side in pixels, 'none' or 'auto', got {text!r}"
         ) from None
-    if not 1 <= value <= MAX_IMAGE_SIDE:
-        raise argparse.ArgumentTypeError(f"must be in [1, {MAX_IMAGE_SIDE}], got {text}")
-    return value
+    return image_side(text)
 
 
 def class_names(text: str) -> list[str]:
