@@ -7,11 +7,13 @@ written: no run folder, no ``runs/``, no traceback.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from reslab.cli import build_parser, main
+from reslab.commands import options
 
 BIG_SEED = str(2**70)  # 1180591620717411303424; torch.manual_seed overflows past 2**64 - 1
 FROM = ["--from", "missing.pth", "--data", "digits"]  # never read: the parser stops first
@@ -63,6 +65,7 @@ CASES: list[tuple[list[str], str]] = [
     (["finetune", *FROM, "--iters", "2", "--eval-every", "-5", "--out", "run"], "--eval-every"),
     (["predict", "missing.pt", "x.png", "--topk", "0"], "--topk"),
     (["predict", "missing.pt", "x.png", "--image-size", "0"], "--image-size"),
+    (["data", "pack", "src", "dest", "--max-side", "4"], "--max-side"),  # PackConfig's minimum
 ]
 
 
@@ -117,3 +120,87 @@ def test_no_number_reaches_a_command_unchecked() -> None:
     assert not bare, f"use a validator from reslab.commands.options: {bare}"
     commands = {path.split()[0] for path, _ in _all_actions() if path}
     assert commands >= {"summary", "list", "analyze", "train", "eval", "finetune", "predict"}
+
+
+def _numeric_flags() -> list[tuple[str, argparse.Action]]:
+    """(command path, option) for every option whose value is a number (a range-checked type)."""
+    text_types = (None, str, Path, options.class_names)
+    return [
+        (path, a) for path, a in _all_actions() if a.option_strings and a.type not in text_types
+    ]
+
+
+# the validators whose range starts at 0 (a seed, a count of held-out images or workers, ...)
+ZERO_OK = {options.nonnegative_int, options.nonnegative_float, options.seed, options.worker_count}
+# the validators with an upper end: image sides (memory) and threads/processes (a fork bomb)
+BOUNDED = {
+    options.image_side,
+    options.pack_side,
+    options.process_count,
+    options.worker_count,
+    options.resize_side,
+}
+NUMERIC = _numeric_flags()
+
+
+def _flag_id(case: tuple[str, argparse.Action]) -> str:
+    return f"{case[0]} {case[1].option_strings[-1]}"
+
+
+@pytest.fixture
+def refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Callable[[str, str, str], str]:
+    """``refused(PATH, FLAG, VALUE)``: the one-line parser error for ``reslab PATH FLAG VALUE``,
+    checked to be exit status 2 naming the flag, with nothing written."""
+    monkeypatch.chdir(tmp_path)
+
+    def check(path: str, flag: str, value: str) -> str:
+        assert _exit_status([*path.split(), flag, value]) == 2, f"{path} {flag} {value} accepted"
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(f"reslab {path}: error: argument {flag}") and value in last, err
+        assert list(tmp_path.iterdir()) == []
+        return last
+
+    return check
+
+
+@pytest.mark.parametrize("case", NUMERIC, ids=[_flag_id(c) for c in NUMERIC])
+def test_every_numeric_flag_refuses_zero_negative_and_non_finite_values(
+    case: tuple[str, argparse.Action], refused: Callable[[str, str, str], str]
+) -> None:
+    """0 (where the flag has no use for it), -1, nan and inf given to any numeric flag of any
+    subcommand: exit status 2 and one line naming the flag and the value, nothing written."""
+    path, action = case
+    flag = action.option_strings[-1]
+    for value in ("-1", "nan", "inf"):
+        refused(path, flag, value)
+    if action.type in ZERO_OK:
+        assert action.type("0") == 0  # type: ignore[misc]
+    else:
+        refused(path, flag, "0")
+
+
+BOUNDED_FLAGS = [c for c in NUMERIC if c[1].type in BOUNDED]
+
+
+@pytest.mark.parametrize("case", BOUNDED_FLAGS, ids=[_flag_id(c) for c in BOUNDED_FLAGS])
+def test_image_sides_and_process_counts_have_an_upper_end(
+    case: tuple[str, argparse.Action], refused: Callable[[str, str, str], str]
+) -> None:
+    """`--image-size 100000` on the digits asked the allocator for 13 TB (a traceback);
+    `--workers 100000` would fork 100000 copies of the process. Both are parser errors now, and
+    the largest value allowed still passes."""
+    path, action = case
+    flag = action.option_strings[-1]
+    last = refused(path, flag, "100000")
+    top = (
+        options.MAX_PROCESSES
+        if action.type in (options.process_count, options.worker_count)
+        else options.MAX_IMAGE_SIDE
+    )
+    assert last.endswith(f"must be <= {top}, got 100000")
+    assert action.type(str(top)) == top  # type: ignore[misc]
+    assert len(BOUNDED_FLAGS) >= 15  # every --image-size/--input-size/--resize/--threads/--workers

@@ -271,19 +271,6 @@ def test_tensor_cache_checksum_catches_wrong_pixels(tmp_path: Path) -> None:
     assert torch.equal(again.train.images, first.train.images)  # decoded again, right pixels
 
 
-def test_stale_temporary_files_are_cleaned(tmp_path: Path) -> None:
-    from reslab.data.cache import clean_stale_temp
-
-    cache = tmp_path / "c"
-    cache.mkdir()
-    dead = cache / ".x.pt.999999999.tmp"  # no such process
-    alive = cache / f".y.pt.{os.getpid()}.tmp"
-    dead.write_bytes(b"half")
-    alive.write_bytes(b"being written")
-    clean_stale_temp(cache)
-    assert not dead.exists() and alive.exists()
-
-
 def test_zip_sources_stream_in_workers(mixed: Path, tmp_path: Path) -> None:
     path = tmp_path / "mixed.zip"
     with zipfile.ZipFile(path, "w") as zf:

@@ -208,3 +208,38 @@ def test_oversized_configs_are_refused_from_their_numbers_alone() -> None:
         check_buildable(huge, source="x.pt")
     assert weight_count(huge) > MAX_PARAMETERS
     check_buildable(get_config("resnet152"))  # the largest of the zoo builds
+
+
+@pytest.mark.parametrize(
+    ("argv", "what"),
+    [
+        (["summary", "resnet18", "--num-classes", str(10**12)], "at least 512,0"),
+        (["summary", "resnet18", "--in-channels", str(10**8)], "at least 313,6"),
+    ],
+)
+def test_a_network_too_large_to_build_is_refused_before_it_is_allocated(
+    argv: list[str], what: str, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """Every build passes the sizing check, not only a checkpoint's: `summary --num-classes
+    10**12` asked the allocator for 2 PB and ended in a RuntimeError traceback."""
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and what in err and "refusing to build it" in err, err
+    with pytest.raises(ValueError, match="refusing to build it"):
+        create_model("resnet18", num_classes=10**12)
+
+
+def test_fine_tuning_from_non_finite_weights_warns_like_every_reader(
+    run: Path, tmp_path: Path
+) -> None:
+    """`finetune --from` a reslab checkpoint repeated part of the reader's checks and skipped
+    the non-finite one: a network with NaN convolutions was fine-tuned without a word."""
+    from reslab.transfer import pretrained_model
+
+    ckpt = _ckpt(run)
+    name = next(k for k, v in ckpt["model"].items() if k.endswith("conv1.weight"))
+    ckpt["model"][name] = torch.full_like(ckpt["model"][name], float("nan"))
+    torch.save(ckpt, tmp_path / "nan.pt")
+    with pytest.warns(UserWarning, match=rf"nan\.pt holds non-finite weights \({name}\)"):
+        pretrained_model(tmp_path / "nan.pt", num_classes=3, in_channels=1)

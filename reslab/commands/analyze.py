@@ -21,6 +21,7 @@ from reslab.commands.options import (
     fraction,
     nonnegative_int,
     positive_int,
+    process_count,
     seed,
 )
 
@@ -113,7 +114,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             )
         e.add_argument(
             "--threads",
-            type=positive_int,
+            type=process_count,
             default=None,
             help="torch CPU threads (1 avoids oversubscription on a shared machine)",
         )

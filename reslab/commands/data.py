@@ -9,7 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
-from reslab.commands.options import jpeg_quality, positive_int
+from reslab.commands.options import (
+    image_side,
+    jpeg_quality,
+    pack_side,
+    positive_int,
+    process_count,
+)
 from reslab.data.feed import choose_loader
 from reslab.data.images import Limits
 from reslab.data.index import SourceIndex, index_source
@@ -31,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     info.add_argument(
         "--image-size",
-        type=positive_int,
+        type=image_side,
         default=None,
         help="the model's input side, for the loader choice",
     )
@@ -40,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pk.add_argument("dest", help="folder for the shards (created; a rerun resumes)")
     pk.add_argument(
         "--max-side",
-        type=positive_int,
+        type=pack_side,
         default=None,
         help="longer side at most N pixels (aspect kept); default: sizes unchanged",
     )
@@ -51,7 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="JPEG quality of resized images (default 90)",
     )
     pk.add_argument("--shard-size", type=positive_int, default=1000, help="images per shard")
-    pk.add_argument("--workers", type=positive_int, default=None, help="processes (default: CPUs)")
+    pk.add_argument("--workers", type=process_count, default=None, help="processes (default: CPUs)")
     for q in (info, pk):
         q.add_argument(
             "--skip-bad",

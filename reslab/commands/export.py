@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from reslab.commands.options import positive_int
+from reslab.commands.options import image_side, positive_int
 
 __all__ = ["add_parser", "run_export"]
 
@@ -43,7 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, metavar="FILE", help="default: beside the checkpoint")
     p.add_argument(
         "--image-size",
-        type=positive_int,
+        type=image_side,
         help="input side where the checkpoint does not fix it (default: its training size)",
     )
     p.add_argument(

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,6 +25,8 @@ import torch
 
 from reslab._io import FolderLock
 from reslab.data.feed import LOADERS
+from reslab.data.images import DEFAULT_LIMITS
+from reslab.data.shards import MIN_MAX_SIDE
 from reslab.data.training import AUGMENTS
 from reslab.train import PRESETS, TrainConfig
 from reslab.train.config import COMPILE_MODES, DEVICES, PRECISIONS
@@ -33,6 +36,8 @@ from reslab.train.setup import refuse_occupied
 __all__ = [
     "DATA_FLAGS",
     "DEFAULT_RECIPES",
+    "MAX_IMAGE_SIDE",
+    "MAX_PROCESSES",
     "MAX_SEED",
     "TRAINER_FLAGS",
     "add_data_options",
@@ -45,17 +50,21 @@ __all__ = [
     "data_options",
     "data_spec",
     "fraction",
+    "image_side",
     "nonnegative_float",
     "nonnegative_int",
+    "pack_side",
     "packed_seeds",
     "positive_float",
     "positive_int",
+    "process_count",
     "refuse_data_flags_on_resume",
     "resize_side",
     "resume_config",
     "seed",
     "train_config",
     "trainer_overrides",
+    "worker_count",
 ]
 
 T = TypeVar("T", int, float)
@@ -67,6 +76,15 @@ T = TypeVar("T", int, float)
 #: a signed 64-bit integer wherever the run's config.json is read, and leaves room for the
 #: derived seeds (seed + 1, ...) some experiments draw.
 MAX_SEED = 2**63 - 1
+
+#: Largest image side a flag takes (an input size, a resize, a packing side): the side of the
+#: largest image the decoders admit (:class:`reslab.data.images.Limits`, 8192 x 8192). A larger
+#: input holds nothing more, and the digits at 100000 px asked the allocator for 13 TB.
+MAX_IMAGE_SIDE = math.isqrt(DEFAULT_LIMITS.max_pixels)
+
+#: Most threads or DataLoader worker processes a flag takes: four per CPU, at least 64. Each
+#: worker is a copy of the process, so --workers 100000 would fork until the machine stopped.
+MAX_PROCESSES = max(64, 4 * (os.cpu_count() or 1))
 
 
 def _checked(
@@ -102,19 +120,46 @@ jpeg_quality = _checked("jpeg_quality", int, lambda v: 1 <= v <= 100, "an intege
 seed = _checked("seed", int, lambda v: 0 <= v <= MAX_SEED, "an integer", "in [0, 2**63 - 1]")
 
 
+def _between(name: str, low: int, high: int) -> Callable[[str], int]:
+    """The argparse type ``name``: an integer in [``low``, ``high``]; the message says which end
+    was passed (``must be >= 1``, ``must be <= 8192``)."""
+
+    def check(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be an integer in [{low}, {high}], got {text!r}"
+            ) from None
+        if value < low or value > high:
+            end = f">= {low}" if value < low else f"<= {high}"
+            raise argparse.ArgumentTypeError(f"must be {end}, got {text}")
+        return value
+
+    check.__name__ = check.__qualname__ = name
+    return check
+
+
+image_side = _between("image_side", 1, MAX_IMAGE_SIDE)
+#: ``reslab data pack --max-side``: what :class:`reslab.data.shards.PackConfig` takes.
+pack_side = _between("pack_side", MIN_MAX_SIDE, MAX_IMAGE_SIDE)
+#: Threads or processes: at least one.
+process_count = _between("process_count", 1, MAX_PROCESSES)
+#: DataLoader workers: 0 loads in the main process.
+worker_count = _between("worker_count", 0, MAX_PROCESSES)
+
+
 def resize_side(text: str) -> int | str | None:
     """argparse type of --resize: a side in pixels (>= 1), "none" or "auto"."""
     if text in ("auto", "none"):
         return None if text == "none" else text
     try:
-        value = int(text)
+        int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"must be a side in pixels, 'none' or 'auto', got {text!r}"
         ) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
+    return image_side(text)
 
 
 def class_names(text: str) -> list[str]:
@@ -214,7 +259,7 @@ def _trainer_flag_specs(command: str) -> dict[str, dict[str, Any]]:
             "action": argparse.BooleanOptionalAction,
             "help": "DDP: BatchNorm statistics over the global batch",
         },
-        "threads": {"type": positive_int, "help": "CPU threads per process"},
+        "threads": {"type": process_count, "help": "CPU threads per process"},
         "eval_every": {
             "type": nonnegative_int,
             "metavar": "STEPS",
@@ -268,7 +313,7 @@ def add_data_options(
             "and said which",
         },
         "image_size": {
-            "type": positive_int,
+            "type": image_side,
             "metavar": "N",
             "help": "the model's input side (default: the data's own size in memory, else the "
             "model's input size, e.g. 224 for resnet50, 32 for cifar_resnet20)",
@@ -287,7 +332,7 @@ def add_data_options(
             "of stopping with an error that names the first",
         },
         "workers": {
-            "type": nonnegative_int,
+            "type": worker_count,
             "metavar": "N",
             "help": "DataLoader worker processes of the streaming loader (default: one per "
             "core, at most 8)",

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-from reslab.commands.options import nonnegative_int, positive_int
+from reslab.commands.options import image_side, positive_int, worker_count
 
 __all__ = ["add_parser", "run_predict"]
 
@@ -38,14 +38,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     q.add_argument(
         "--image-size",
-        type=positive_int,
+        type=image_side,
         help="side the images are resized to (default: the size the model records: its "
         "per-pixel mean's, else its last training size, else 32 for CIFAR stems, 224 for "
         "ImageNet ones)",
     )
     q.add_argument(
         "--workers",
-        type=nonnegative_int,
+        type=worker_count,
         default=None,
         help="image-decoding processes (default: up to 4; none for a single batch)",
     )

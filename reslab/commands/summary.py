@@ -7,7 +7,7 @@ import json
 
 from torch import nn
 
-from reslab.commands.options import positive_int
+from reslab.commands.options import image_side, positive_int
 from reslab.models import DenseResNet, ResNet, ResNetConfig, create_model, list_models
 from reslab.models.layers import SHORTCUT_PADS
 from reslab.models.reference import PAPER
@@ -19,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="a registered model name (see `reslab list`)")
     p.add_argument(
         "--input-size",
-        type=positive_int,
+        type=image_side,
         default=None,
         help="image side in pixels (default: 224 for ImageNet stems, 32 for CIFAR)",
     )

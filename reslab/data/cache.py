@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 import warnings
 import zlib
 from pathlib import Path
@@ -26,6 +27,7 @@ __all__ = [
     "cache_path",
     "clean_stale_temp",
     "default_cache_dir",
+    "is_cached",
     "load_cached",
     "save_cached",
     "warn_cache",
@@ -93,6 +95,19 @@ def _crc(arrays: list[np.ndarray]) -> int:
     return crc
 
 
+def is_cached(file: Path) -> bool:
+    """Whether ``file`` is there to be read (False: absent). Anything but a regular file there
+    (a folder, a device, a named pipe, whose read would wait forever for a writer) raises
+    ``ValueError``, which the cache's readers turn into a warning and a fresh decode."""
+    try:
+        mode = os.stat(file).st_mode
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(mode):
+        raise ValueError("not a regular file")
+    return True
+
+
 def warn_cache(msg: str) -> None:
     """A cache problem: worth a warning, never an error."""
     warnings.warn(msg, stacklevel=3)
@@ -101,9 +116,9 @@ def warn_cache(msg: str) -> None:
 def load_cached(file: Path) -> RawData | None:
     """The cached tensors, or None when absent, unreadable or failing the checksum (then the
     source is decoded again)."""
-    if not file.exists():
-        return None
     try:
+        if not is_cached(file):
+            return None
         d = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         names = [*_TENSORS, *(("val_images", "val_labels") if "val_images" in d else ())]
         if _crc([d[k].numpy() for k in names]) != int(d["crc32"]):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from reslab.data.cache import cache_path, default_cache_dir, warn_cache
+from reslab.data.cache import cache_path, default_cache_dir, is_cached, warn_cache
 from reslab.data.images import DEFAULT_LIMITS, BadImageError, Limits, probe
 from reslab.data.lists import SPLITS, list_layout, list_tree, tree_layout
 from reslab.data.store import FileStore, check_source
@@ -319,9 +319,9 @@ def _load_index(path: Path, cache_dir: Path, key: str) -> SourceIndex | None:
         file = cache_path(path, cache_dir, kind="index", extra=key)
     except OSError:
         return None
-    if not file.exists():
-        return None
     try:
+        if not is_cached(file):
+            return None
         blob = json.loads(gzip.decompress(file.read_bytes()))
         body = json.dumps(blob["index"], sort_keys=True).encode()
         if zlib.crc32(body) != blob["crc32"]:

@@ -14,12 +14,23 @@ from reslab.data.store import FileStore, open_zip
 __all__ = ["SPLITS", "list_layout", "list_tree", "read_list", "tree_layout"]
 
 SPLITS = ("train", "val", "test")
+#: A list is read whole (and its rows held as Python strings, several times its size): 1 GiB is
+#: some 10 million rows of ``path,label``, more than ImageNet-21k's images.
+MAX_LIST_BYTES = 2**30
 
 
 def read_list(path: Path) -> tuple[list[str], list[str], list[str | None]]:
     """(paths, labels, splits) from a CSV (comma) or TSV (tab) list. A header row is recognised
     by its first field ``path``/``file``/``filename``/``image``; a ``split`` column is optional."""
-    text = path.read_text(encoding="utf-8-sig")
+    size = path.stat().st_size
+    if size > MAX_LIST_BYTES:
+        raise ValueError(f"{path}: {size:,} bytes, over the {MAX_LIST_BYTES:,} a list may have")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:  # its own message names no file
+        raise ValueError(
+            f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the list as UTF-8"
+        ) from None
     delim = "\t" if path.suffix.lower() == ".tsv" else ","
     rows = [
         (line, r)

@@ -20,7 +20,7 @@ from reslab.data.index import SourceIndex, SplitIndex, index_source
 from reslab.data.presets import ClassificationPresetEval, InputConfig
 from reslab.data.sources import RawData
 
-__all__ = ["decode_split", "memory_budget", "read_image_folder"]
+__all__ = ["check_budget", "decode_split", "memory_budget", "read_image_folder"]
 
 
 def memory_budget() -> int:
@@ -41,15 +41,30 @@ def _decoded_bytes(index: SourceIndex, channels: int, size: int | None) -> int:
     )
 
 
-def _check_fits(index: SourceIndex, channels: int, size: int | None, budget: int) -> None:
-    need = _decoded_bytes(index, channels, size)
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def check_budget(need: int, what: str, hint: str, budget: int | None = None) -> None:
+    """Refuse, before anything is allocated, to hold ``need`` bytes in memory when that is over
+    ``budget`` (default :func:`memory_budget`): ``what`` would take them; ``hint`` says what to
+    do instead."""
+    budget = memory_budget() if budget is None else budget
     if need > budget:
         raise ValueError(
-            f"{index.store.root}: decoding its {sum(len(s) for s in index.splits.values()):,} "
-            f"images into memory would take {need / 2**30:.1f} GiB, over the in-memory budget of "
-            f"{budget / 2**30:.1f} GiB (a quarter of this machine's memory): use the streaming "
-            "loader (loader='stream'), or a smaller image_size"
+            f"{what} would take {_gib(need)}, over the in-memory budget of {_gib(budget)} (a "
+            f"quarter of this machine's memory): {hint}"
         )
+
+
+def _check_fits(index: SourceIndex, channels: int, size: int | None, budget: int) -> None:
+    n = sum(len(s) for s in index.splits.values())
+    check_budget(
+        _decoded_bytes(index, channels, size),
+        f"{index.store.root}: decoding its {n:,} images into memory",
+        "use the streaming loader (loader='stream'), or a smaller image_size",
+        budget,
+    )
     if size is None and not index.uniform():
         (w0, h0), (w1, h1) = index.size_range()
         first = next(iter(index.splits.values()))

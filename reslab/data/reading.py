@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from reslab.data import DataSplits, Split, _is_cifar_python, load_data
+from reslab.data import DataSplits, Split, _is_cifar_python, load_data, memory
 from reslab.data.feed import LoaderChoice, choose_loader, streaming_splits
 from reslab.data.images import DEFAULT_LIMITS, Limits
 from reslab.data.index import SplitIndex, index_source
@@ -161,6 +161,24 @@ def open_data(
     return data
 
 
+def check_resize_fits(
+    n: int, channels: int, size: tuple[int, int], input: InputConfig, name: str
+) -> None:
+    """Refuse to resize ``n`` in-memory images of ``size`` (H, W) to ``input`` when the result,
+    or the resized images before their centre crop (the whole split is resized at once), would
+    not fit the in-memory budget (:func:`reslab.data.memory.check_budget`)."""
+    (h, w), (h1, w1) = size, input.size
+    if input.resize is not None:  # the shorter side goes to ``resize`` first, then the crop
+        scale = input.resize / min(h, w)
+        h1, w1 = max(h1, math.ceil(h * scale)), max(w1, math.ceil(w * scale))
+    memory.check_budget(
+        n * channels * h1 * w1,
+        f"{name}: resizing its {n:,} images from {h}x{w} to {input.size[0]}x{input.size[1]} "
+        "in memory",
+        "give a smaller image size (--image-size N)",
+    )
+
+
 def _memory(
     splits: DataSplits,
     image_size: int | None,
@@ -177,6 +195,8 @@ def _memory(
         side = resize if isinstance(resize, int) else min(size)
         input = plain_input(c, size, resize=None if resize is None else side)
     if tuple(input.size) != (h, w):
+        n = sum(len(s.labels) for s in (splits.train, splits.val, splits.test))
+        check_resize_fits(n, c, (h, w), input, splits.name)
         t = input.eval_transform()
         splits = DataSplits(
             train=Split(t(splits.train.images), splits.train.labels),

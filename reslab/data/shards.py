@@ -36,6 +36,7 @@ from reslab.data.store import FileStore
 __all__ = ["MANIFEST", "PackConfig", "pack", "read_shard_index"]
 
 MANIFEST = "reslab-shards.json"
+MIN_MAX_SIDE = 8  # PackConfig.max_side: below this an image holds too little to learn from
 FORMAT_VERSION = 1
 SHUFFLE_SEED = 0  # samples are shuffled before sharding, so every shard holds a mix of classes
 
@@ -48,8 +49,8 @@ class PackConfig:
     channels: int = 3
 
     def __post_init__(self) -> None:
-        if self.max_side is not None and self.max_side < 8:
-            raise ValueError(f"max_side must be >= 8, got {self.max_side}")
+        if self.max_side is not None and self.max_side < MIN_MAX_SIDE:
+            raise ValueError(f"max_side must be >= {MIN_MAX_SIDE}, got {self.max_side}")
         if not 1 <= self.quality <= 100:
             raise ValueError(f"quality must be in [1, 100], got {self.quality}")
         if self.shard_samples < 1:

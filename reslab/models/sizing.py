@@ -3,7 +3,9 @@
 A checkpoint's ``model_config`` is data from a file: an untrusted or damaged one can ask for
 ``widths=(10**6, ...)`` (terabytes of weights) or ``layers=(10**6, ...)`` (a million modules,
 minutes and gigabytes of Python objects before the first tensor). :func:`check_buildable`
-refuses such a config from its numbers alone, with the parameter count it would need.
+refuses such a config from its numbers alone, with the parameter count it would need; every
+network reslab builds (:func:`reslab.models.build_model`) passes it first, so a command-line
+override (``--num-classes 10**12``) is refused the same way.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def check_buildable(config: ResNetConfig | DenseConfig, *, source: str = "the co
     if layers > MAX_LAYERS:
         raise ValueError(
             f"{source} asks for {layers:,} residual layers, over the {MAX_LAYERS:,} reslab builds: "
-            "refusing to build it (a damaged or untrusted file?)"
+            "refusing to build it"
         )
     if min(config.widths) < 1:
         raise ValueError(f"{source} has a width below 1: {config.widths}")
@@ -68,5 +70,5 @@ def check_buildable(config: ResNetConfig | DenseConfig, *, source: str = "the co
         raise ValueError(
             f"{source} asks for a network of at least {count:,} parameters "
             f"({count * 4 / 2**30:,.1f} GiB as float32), over the {MAX_PARAMETERS:,} reslab "
-            "builds: refusing to build it (a damaged or untrusted file?)"
+            "builds: refusing to build it"
         )

@@ -16,6 +16,7 @@ from reslab.models.features import FeatureListNet
 from reslab.models.layers import check_choice
 from reslab.models.pretrained import architecture_overrides, load_pretrained
 from reslab.models.resnet import ResNet
+from reslab.models.sizing import check_buildable
 from reslab.models.weights import read_weights
 
 __all__ = [
@@ -129,7 +130,10 @@ def get_config(name: str, **overrides: Any) -> Config:
 
 
 def build_model(config: Config) -> nn.Module:
-    """Instantiate a network from its config."""
+    """Instantiate a network from its config; one too large to build (over 2**31 weights or
+    10,000 units) is refused from its numbers before anything is allocated
+    (:func:`reslab.models.sizing.check_buildable`)."""
+    check_buildable(config, source=f"the {type(config).__name__}")
     if isinstance(config, DenseConfig):
         return DenseResNet(config)
     return ResNet(config)

@@ -28,6 +28,7 @@ __all__ = [
     "BEST",
     "FORMAT_VERSION",
     "LATEST",
+    "check_checkpoint",
     "check_format_version",
     "find_checkpoint",
     "holds_run",
@@ -92,11 +93,17 @@ def read_checkpoint(path: Path) -> Weights:
     """The reslab checkpoint at ``path``, read by the one validated reader every checkpoint and
     weight file goes through (:func:`reslab.models.weights.read_weights`: a folder, named pipe
     or device is refused by name, nothing is unpickled beyond tensors and plain data, a damaged
-    file is named), then checked to be a reslab checkpoint of a format version this reslab
-    reads (:func:`check_format_version`) whose ``model_config`` parses and is small enough to
-    build (:func:`reslab.models.pretrained.checkpoint_config`). Non-finite weights (not written
-    by this reslab, which refuses to) are read with a warning."""
-    weights = read_weights(path)
+    file is named), then checked by :func:`check_checkpoint`."""
+    return check_checkpoint(read_weights(path))
+
+
+def check_checkpoint(weights: Weights) -> Weights:
+    """``weights`` (as :func:`reslab.models.weights.read_weights` read them) checked to be a
+    reslab checkpoint of a format version this reslab reads (:func:`check_format_version`,
+    upgraded to the current one) whose ``model_config`` parses and is small enough to build
+    (:func:`reslab.models.pretrained.checkpoint_config`). Non-finite weights (not written by
+    this reslab, which refuses to) are read with a warning."""
+    path = weights.path
     if weights.format != "reslab":
         raise ValueError(
             f"{path} is a {weights.format} state dict, not a reslab checkpoint: it has no "
@@ -110,7 +117,7 @@ def read_checkpoint(path: Path) -> Weights:
         warnings.warn(
             f"{path} holds non-finite weights ({', '.join(bad[:3])}"
             f"{', ...' if len(bad) > 3 else ''}): the network's outputs will not be numbers",
-            stacklevel=2,
+            stacklevel=3,
         )
     return weights
 

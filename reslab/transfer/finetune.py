@@ -25,7 +25,7 @@ from reslab.models.pretrained import (
 )
 from reslab.models.sizing import check_buildable
 from reslab.models.weights import cifar_resnet_name, read_weights
-from reslab.train.checkpoint import check_format_version
+from reslab.train.checkpoint import check_checkpoint, check_format_version
 from reslab.transfer.freeze import (
     NONE,
     check_freeze_point,
@@ -94,9 +94,8 @@ def pretrained_model(
             config = _dense_config(config, path, in_channels, image_size, num_classes, False)
         else:
             config = get_config(model, **new, **architecture_overrides(weights, config))
-    elif weights.format == "reslab":
-        check_format_version(weights.meta, weights.path)
-        config = checkpoint_config(weights)  # parsed and sized before anything is built
+    elif weights.format == "reslab":  # the checks of every reslab checkpoint reader
+        config = checkpoint_config(check_checkpoint(weights))  # parsed and sized before building
         if isinstance(config, DenseConfig):
             config = _dense_config(config, path, in_channels, image_size, num_classes, True)
         else:
@@ -148,6 +147,8 @@ def source_input(path: str | Path, model: str | None = None) -> dict[str, Any] |
         return default_cfg(config) if isinstance(config, ResNetConfig) else None
     assert weights is not None
     meta = weights.meta
+    if weights.format == "reslab":  # a newer layout is refused by name, an older one upgraded
+        meta = check_format_version(meta, weights.path)
     saved: dict[str, Any] | None = meta.get("input_config")
     if saved is not None:
         h, w = saved["size"]
