@@ -19,10 +19,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/reslab train
 
-# What CI runs: lint, formatting, the whole suite (under 10 minutes on 2 cores).
+# What CI runs: lint, formatting, the type checker, the whole suite (under 10 minutes on 2 cores).
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy reslab
 	$(BIN)/python -m pytest -q
 
 # The quick loop while editing: the suite without the few tests that train for minutes.
@@ -32,6 +33,7 @@ quick: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy reslab
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

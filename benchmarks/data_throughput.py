@@ -180,6 +180,11 @@ def rss_child(root: str, workers: int, batches: int, cache: str) -> None:
     print(json.dumps({"self_mib": self_mb, "worker_peak_mib": child_mb}))
 
 
+def _uptime() -> str:
+    """`uptime`'s line: the load average the numbers were measured under."""
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=int, default=10_000, help="photos generated")
@@ -195,6 +200,7 @@ def main() -> None:
         return
     if not CIFAR_ZIP.exists():
         raise SystemExit(f"needs a CIFAR-10 JPEG archive at {CIFAR_ZIP}")
+    load_before = _uptime()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         photos, big, cache = tmp / "photos", tmp / "photos50k", tmp / "cache"
@@ -246,7 +252,9 @@ def main() -> None:
         "rss_ratio_50k_over_10k": {k: large[k] / small[k] for k in ("self_mib", "worker_peak_mib")},
         "reduced_size_decode": drafts,
         "targets": {"over_conventional": 1.5, "over_bare_decode": 0.7, "rss_flat": 0.1},
-        "note": "measured on a machine shared with other jobs; to be re-run on a quiet one",
+        "uptime_before": load_before,
+        "uptime_after": _uptime(),
+        "note": "the machine's load (uptime, before and after) says how shared it was",
     }
     print(
         json.dumps(
@@ -261,7 +269,7 @@ def main() -> None:
             indent=1,
         )
     )
-    write_result(args.out, result)
+    write_result(args.out, result, device="cpu")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The papers' CIFAR-10 tables with five seeds each, on a GPU, one short command at a time.
 
     python3 benchmarks/gpu_plan.py --data data/cifar10-jpeg.zip [--state runs/gpu_plan] \
-        [--budget 540] [--runner packed|sequential] [--export DIR]
+        [--budget 540] [--runner packed|sequential] [--jobs KEY ...] [--export DIR]
 
 The plan, in order (He et al. 2015 §4.2 ``paper`` recipe, CIFAR-10 JPEG, seeds 0-4):
 
@@ -20,9 +20,12 @@ machine whose disk does not survive. After every command the results are written
 docs/results.md, between the gpu_plan markers; the rest of the file is left as it is).
 ``--report`` only rewrites those two from the state.
 
-Runners: ``packed`` trains a job's five seeds as one seed-packed network (``reslab train MODEL
---seeds 0 1 2 3 4``); ``sequential`` trains them one after another, each as ``reslab train
---seed S`` would (with the job's model options, e.g. an ordering), and works today.
+Runners (both with the job's model options, e.g. an ordering, which the CLI has no flag for):
+``packed`` (the default) trains a job's five seeds as one seed-packed network, as ``reslab train
+MODEL --seeds 0 1 2 3 4`` does; ``sequential`` trains them one after another, each as ``reslab
+train --seed S`` would. On CUDA every step is one CUDA graph replay (``--cuda-graphs``, the
+default; ``--no-cuda-graphs --compile-mode reduce-overhead`` is the earlier way, forward and
+backward graphed by torch.compile). ``--jobs KEY ...`` restricts the plan to those jobs.
 """
 
 from __future__ import annotations
@@ -177,22 +180,79 @@ class Runner(Protocol):
         ...
 
 
+@dataclass
 class PackedRunner:
-    """All of a job's seeds as one seed-packed network (reslab.models.packed)."""
+    """A job's unfinished seeds as one seed-packed network in one subprocess, as ``reslab train
+    MODEL --seeds S ...`` trains them (with the job's model options, e.g. an ordering): the
+    folder ``JOB-seeds-S-...`` holds the packed run and its members' run folders ``seed-S``."""
 
-    name = "packed"
+    data: str
+    device: str = "cuda"
+    threads: int = 2
+    iters: int | None = None  # None: the recipe's 64k
+    train_options: dict[str, Any] = field(default_factory=dict)  # e.g. cuda_graphs=True
+    name: str = "packed"
 
     def run(
         self, job: Job, state_dir: Path, members: dict[str, dict[str, Any]], *, deadline: float
     ) -> Outcome:
-        raise NotImplementedError(
-            "the packed runner needs `reslab train MODEL --seeds ...` (seed-packed training, "
-            "issue 14): reslab.models.packed and reslab.train.packed exist, but fit() does not "
-            "run them yet and the CLI has no --seeds; until then use --runner sequential"
-        )
+        out = {k: dict(v) for k, v in members.items()}
+        seeds = [s for s in job.seeds if out.get(str(s), {}).get("status") not in
+                 ("finished", "failed")]  # fmt: skip
+        if not seeds:
+            return Outcome(out)
+        run_dir = self.run_dir(job, seeds, state_dir)
+        spec = {"data": self.data, "model": job.model, "options": dict(job.options),
+                "seeds": seeds, "out": str(run_dir), "device": self.device,
+                "threads": self.threads, "iters": self.iters,
+                "train_options": self.train_options}  # fmt: skip
+        rc, tail = train_process(["--packed", json.dumps(spec)], run_dir, deadline)
+        failed = {}
+        summary = run_dir / "summary.json"
+        if summary.exists():
+            failed = json.loads(summary.read_text()).get("failed_members", {})
+        for seed in seeds:
+            member = f"seed-{seed}"
+            if member in failed:
+                out[str(seed)] = {"status": "failed", "returncode": rc, "message": failed[member]}
+            else:
+                out[str(seed)] = member_record(run_dir / member, rc, log=run_dir / "train.log")
+        return Outcome(out, None, tail)
+
+    @staticmethod
+    def run_dir(job: Job, seeds: list[int], state_dir: Path) -> Path:
+        """The packed run of ``seeds`` (named by them, so a retry of failed seeds is a new run)."""
+        return state_dir / f"{job.slug}-seeds-{'-'.join(map(str, seeds))}"
 
     def resume_files(self, job: Job, state_dir: Path) -> list[Path]:
-        raise NotImplementedError("see PackedRunner.run")
+        files = []
+        for run_dir in sorted(state_dir.glob(f"{job.slug}-seeds-*")):
+            if (run_dir / "checkpoint_latest.pt").exists() and not (
+                run_dir / "summary.json"
+            ).exists():
+                files += sorted(p for p in run_dir.rglob("*") if p.is_file())
+        return files
+
+
+def train_process(args: list[str], run_dir: Path, seconds: float) -> tuple[int, str]:
+    """``python gpu_plan.py ARGS`` (one training process) for at most ``seconds``, then SIGTERM
+    (the trainer checkpoints and stops), killed if still alive STOP_MARGIN later. Appends its
+    output to ``run_dir/train.log``; returns the exit status and the log's end."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, __file__, *args]
+    with (run_dir / "train.log").open("a") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            proc.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)  # the trainer checkpoints and stops
+            try:
+                proc.wait(timeout=STOP_MARGIN)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    return proc.returncode, (run_dir / "train.log").read_text()[-1500:]
 
 
 @dataclass
@@ -237,21 +297,7 @@ class SequentialRunner:
             "iters": self.iters,
             "train_options": self.train_options,
         }
-        run_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-        cmd = [sys.executable, __file__, "--member", json.dumps(spec)]
-        with (run_dir / "train.log").open("a") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-            try:
-                proc.wait(timeout=seconds)
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGTERM)  # the trainer checkpoints and stops
-                try:
-                    proc.wait(timeout=STOP_MARGIN)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-        return proc.returncode, (run_dir / "train.log").read_text()[-1500:]
+        return train_process(["--member", json.dumps(spec)], run_dir, seconds)
 
     def resume_files(self, job: Job, state_dir: Path) -> list[Path]:
         files = []
@@ -264,9 +310,9 @@ class SequentialRunner:
         return files
 
 
-def member_record(run_dir: Path, returncode: int) -> dict[str, Any]:
+def member_record(run_dir: Path, returncode: int, *, log: Path | None = None) -> dict[str, Any]:
     """A seed's record from its run folder: finished (with the summary's numbers), stopped at
-    the deadline (``running``, with its step), or failed."""
+    the deadline (``running``), or failed (the last line of ``log``, default its train.log)."""
     summary = run_dir / "summary.json"
     if summary.exists():
         s = json.loads(summary.read_text())
@@ -281,25 +327,27 @@ def member_record(run_dir: Path, returncode: int) -> dict[str, Any]:
         }
     if returncode in (0, 128 + signal.SIGTERM, -signal.SIGTERM):
         return {"status": "running"}
-    log = run_dir / "train.log"
+    log = log or run_dir / "train.log"
     last = log.read_text().strip().splitlines()[-1:] if log.exists() else []
     return {"status": "failed", "returncode": returncode, "message": " ".join(last)}
 
 
-def train_member(spec: dict[str, Any]) -> int:
-    """One seed of one job, as ``reslab train MODEL --seed S --recipe paper`` trains it, with the
-    job's model options (the CLI has no flag for those); resumes the run folder if it holds one.
-    Runs in its own process, started by :class:`SequentialRunner`."""
+def train_job(spec: dict[str, Any]) -> int:
+    """One seed of a job (``spec["seed"]``), or several packed (``spec["seeds"]``), as ``reslab
+    train MODEL --recipe paper --seed S`` (or ``--seeds S ...``) trains them, with the job's model
+    options (the CLI has no flag for those); continues the run folder if it holds a run. Runs in
+    its own process, started by :class:`SequentialRunner` or :class:`PackedRunner`."""
     import torch
 
     from reslab.data import load_data
     from reslab.models import build_model, get_config
+    from reslab.models.packed import build_packed
     from reslab.train import TrainConfig, TrainingInterrupted, fit
     from reslab.train.checkpoint import LATEST, load_model
 
     splits = load_data(spec["data"], verbose=True)
     overrides = {
-        "seed": spec["seed"],
+        "seed": spec.get("seed", 0),
         "device": spec["device"],
         "threads": spec["threads"],
         **spec["train_options"],
@@ -309,16 +357,14 @@ def train_member(spec: dict[str, Any]) -> int:
     cfg = TrainConfig.preset("paper", **overrides)
     out = Path(spec["out"])
     resume = (out / LATEST).exists()
-    if resume:
+    config = get_config(spec["model"], in_channels=splits.in_channels,
+                        num_classes=splits.num_classes, **spec["options"])  # fmt: skip
+    if "seeds" in spec:  # resumed or not, the weights are the members' (or the checkpoint's)
+        model = build_packed(config, spec["seeds"])
+    elif resume:
         model = load_model(out / LATEST).train()
     else:
         torch.manual_seed(cfg.seed)  # the initial weights, as reslab train
-        config = get_config(
-            spec["model"],
-            in_channels=splits.in_channels,
-            num_classes=splits.num_classes,
-            **spec["options"],
-        )
         model = build_model(config)
     info = {
         "model_name": spec["model"],
@@ -326,7 +372,9 @@ def train_member(spec: dict[str, Any]) -> int:
         "data_spec": spec["data"],
     }
     try:
-        fit(model, splits, cfg, out, resume=resume, run_info=info, verbose=True)
+        fit(
+            model, splits, cfg, out, resume=resume, run_info=info, verbose=True, allow_nonempty=True
+        )  # the folder holds the plan's own train.log
     except TrainingInterrupted as exc:
         print(f"gpu_plan: {exc}", flush=True)
         return 128 + exc.signum
@@ -442,7 +490,10 @@ def render_tables(rows: list[dict[str, Any]]) -> str:
         "view, CIFAR-10 JPEG, 45k training images (the papers: original pixels, all 50k).",
         "",
     ]
-    head = "| network | seeds done | test error % (mean ± std) | median | paper | wall | img/s |"
+    head = (
+        "| network | seeds done | test error % (mean ± std) | median | paper | wall "
+        "| img/s per seed |"
+    )
     for table in TABLES:
         lines += [f"#### {table}", "", head, "|---|---:|---:|---:|---:|---:|---:|"]
         for r in (r for r in rows if r["table"] == table):
@@ -493,12 +544,15 @@ def write_docs(path: Path, block: str) -> None:
     _write_text(path, text)
 
 
-def report(jobs: list[Job], state: dict[str, Any], json_path: Path, docs: Path) -> None:
+def report(
+    jobs: list[Job], state: dict[str, Any], json_path: Path, docs: Path, *, device: str = "cuda"
+) -> None:
     rows = summarize(jobs, state)
     sys.path.insert(0, str(Path(__file__).parent))
     from _common import write_result
 
-    write_result(json_path, {"plan": [dataclasses.asdict(j) for j in jobs], "rows": rows})
+    write_result(json_path, {"plan": [dataclasses.asdict(j) for j in jobs], "rows": rows},
+                 device=device)  # fmt: skip
     write_docs(docs, render_tables(rows))
 
 
@@ -524,15 +578,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state", type=Path, default=ROOT / "runs" / "gpu_plan")
     p.add_argument("--budget", type=float, default=540.0, help="seconds this command may work")
     p.add_argument("--runner", choices=("packed", "sequential"), default="packed")
+    p.add_argument("--jobs", nargs="+", metavar="KEY", help="only these jobs (default: all)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--iters", type=int, default=None, help="default: the recipe's 64k")
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     p.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on CUDA, the whole training step as one CUDA graph (default; reslab train "
+        "--cuda-graphs)",
+    )
+    p.add_argument(
         "--compile-mode",
-        default="reduce-overhead",
-        help="torch.compile mode on CUDA ('none': eager); CUDA graphs doubled the "
-        "rate of ResNet-20 and 56 on an H100",
+        default="none",
+        help="also torch.compile the model in this mode on CUDA (default 'none'); without "
+        "--cuda-graphs, 'reduce-overhead' graphs forward and backward only (docs/results.md)",
     )
     p.add_argument("--retry-failed", action="store_true", help="run failed jobs again")
     p.add_argument("--report", action="store_true", help="only rewrite the JSON and tables")
@@ -540,30 +602,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks/results/gpu_plan.json")
     p.add_argument("--docs", type=Path, default=ROOT / "docs/results.md")
     p.add_argument("--member", help=argparse.SUPPRESS)  # a SequentialRunner subprocess
+    p.add_argument("--packed", help=argparse.SUPPRESS)  # a PackedRunner subprocess
     args = p.parse_args(argv)
-    if args.member:
-        return train_member(json.loads(args.member))
+    if args.member or args.packed:
+        return train_job(json.loads(args.member or args.packed))
     jobs = make_plan(tuple(args.seeds))
-    runner: Runner
-    if args.runner == "packed":
-        runner = PackedRunner()
-    else:
+    if args.jobs:
+        unknown = sorted(set(args.jobs) - {j.key for j in jobs})
+        if unknown:
+            p.error(f"unknown jobs {unknown}; the plan's: {', '.join(j.key for j in jobs)}")
+        jobs = [j for j in jobs if j.key in args.jobs]
+    options: dict[str, Any] = {}
+    if args.device.startswith("cuda"):
+        options["cuda_graphs"] = args.cuda_graphs
+        if args.compile_mode != "none":
+            options.update(compile=True, compile_mode=args.compile_mode)
+    runner_type = PackedRunner if args.runner == "packed" else SequentialRunner
+    runner: Runner = runner_type(args.data or "", args.device, args.threads, args.iters, options)
+    if not args.report:
         if not args.data:
             p.error("--data is needed to train")
-        options = {}
-        if args.device.startswith("cuda") and args.compile_mode != "none":
-            options = {"compile": True, "compile_mode": args.compile_mode}
-        runner = SequentialRunner(args.data, args.device, args.threads, args.iters, options)
-    if not args.report:
         if args.retry_failed:
             save_state(args.state, retry_failed(load_state(args.state)))
-        try:
-            advance(jobs, args.state, runner, budget=args.budget)
-        except NotImplementedError as exc:
-            print(f"gpu_plan: error: {exc}", file=sys.stderr)
-            return 2
+        advance(jobs, args.state, runner, budget=args.budget)
     state = load_state(args.state)
-    report(jobs, state, args.json, args.docs)
+    report(jobs, state, args.json, args.docs, device=args.device)
     for job in jobs:
         rec = state["jobs"].get(job.key, {})
         print(f"{job.key:<36} {rec.get('status', 'pending')}")

@@ -1,27 +1,33 @@
-"""Images per second of seed-packed training against one member alone and against K members run
-one after another, in one process (synthetic inputs: only speed is measured).
+"""Images per second of seed-packed training against one member alone, in one command.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/packed_step.py [--members 5] [--batch-size 128] \
-        [--rounds 4] [--steps 4] [--threads 2] [--device cpu]
+    PYTHONPATH=. python benchmarks/packed_step.py [--models cifar_resnet20 cifar_resnet56] \
+        [--members 5] [--batch-size 128] [--device cpu|cuda] [--graphs | --no-graphs] \
+        [--rounds 4] [--steps 4] [--threads 2] [--fit-iters N]
 
-Every variant runs the whole training step (forward, per-member loss, backward, optimiser step)
-on batches prepared beforehand, in NCHW and in channels_last. The variants are interleaved: each
-round runs ``--steps`` steps of every variant in turn, so a machine shared with other jobs slows
-them alike; the rate reported is the median over rounds, and each ratio the median of the
-ratios within a round. Variants:
+Two measurements, both with the trainer's own code:
 
-- ``one``: one ResNet with ``torch.optim.SGD``, as the trainer steps it;
-- ``sequential``: K such ResNets, one step of each in turn (K separate runs in one process);
-- ``packed``: :func:`reslab.train.packed.packed_train_step` with :class:`PackedSGD` (per-member
-  learning rates and the non-finite mask);
-- ``packed, torch SGD``: the packed network with ``torch.optim.SGD`` (every member at one rate,
-  no mask), to show what PackedSGD's extra work costs.
+1. **The step** (synthetic batches prepared beforehand, uint8 on the device): the trainer's
+   training step, :class:`reslab.train.captured.TrainStep` (normalisation, forward, loss,
+   backward, masked SGD update, device bookkeeping; a CUDA graph replay with ``--graphs``, the
+   default on a GPU), for ``one`` ResNet (``members=1``), K ResNets one after another
+   (``sequential``, K separate runs in one process) and the ``packed`` network of K members
+   (``members=K``); beside them ``one, plain loop``, the conventional PyTorch step (``F.
+   cross_entropy``, ``loss.item()`` to check it, ``torch.optim.SGD``). The variants are
+   interleaved: each round runs ``--steps`` steps of each in turn, so a machine shared with other
+   jobs slows them alike; rates are medians over rounds, each ratio the median of the ratios
+   within a round. NCHW and channels_last (CPU), channels_last (GPU).
+2. **The trainer** (``--fit-iters N``, default 300 on a GPU, 0 = skipped on a CPU):
+   :func:`reslab.train.fit` itself for one member (seed 0) and for the K members packed (seeds
+   0..K-1), the ``paper`` recipe for N steps on synthetic CIFAR-size images held in memory
+   (augmentation on the device), one evaluation at the end; images/s is the runs' own
+   ``images_per_second`` (training steps only, all members' images counted).
 
 Images per second count every member's images (K x batch per packed step). Beside the whole
 step, one 3x3 convolution of each ResNet stage is timed (forward + backward) as K separate
 convolutions and as one grouped convolution, in both layouts, with the kernel that ran it (from
-torch.profiler): whether grouped convolutions have a fast path. Writes
-benchmarks/results/packed_step.json.
+torch.profiler): whether grouped convolutions have a fast path on this device. Writes
+benchmarks/results/packed_step.json (or ``--out``). The 5-seed ResNet-56 wall time of the whole
+paper recipe is what benchmarks/gpu_plan.py measures.
 """
 
 from __future__ import annotations
@@ -37,10 +43,13 @@ import torch
 import torch.nn.functional as F
 from _common import write_result
 
+from reslab.data import DataSplits, Normalize, Split
 from reslab.models import build_model, get_config
-from reslab.models.packed import build_packed, pack_inputs
-from reslab.train import TrainConfig
-from reslab.train.packed import MemberState, PackedSGD, member_losses, packed_train_step
+from reslab.models.packed import build_packed
+from reslab.train import TrainConfig, fit
+from reslab.train.captured import GRAPH_WARMUP_STEPS, TrainStep, lr_table
+from reslab.train.members import MemberState
+from reslab.train.step import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,69 +59,160 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_variants(
-    model_name: str, k: int, batch: int, device: torch.device, channels_last: bool
-) -> dict[str, tuple[Callable[[], None], int]]:
-    """name -> (one training step, images it trains on)."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    cfg = TrainConfig.preset("paper")
-    mcfg = get_config(model_name)
+def _uint8_batches(k: int, batch: int, device: torch.device) -> tuple[list, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    xs = [torch.randn(batch, 3, 32, 32, generator=g).to(device, memory_format=fmt)
-          for _ in range(k)]  # fmt: skip
-    ys = torch.randint(0, mcfg.num_classes, (batch, k), generator=g).to(device)
+    xs = [
+        torch.randint(0, 256, (batch, 3, 32, 32), generator=g, dtype=torch.uint8).to(device)
+        for _ in range(k)
+    ]
+    ys = torch.randint(0, 10, (batch, k), generator=g).to(device)
+    return xs, ys
 
-    def sgd(params: object) -> torch.optim.SGD:
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,  # type: ignore[arg-type]
-                               weight_decay=cfg.weight_decay)  # fmt: skip
+
+def make_variants(
+    model_name: str,
+    k: int,
+    batch: int,
+    device: torch.device,
+    *,
+    channels_last: bool,
+    graphs: bool,
+    total_steps: int,
+) -> dict[str, tuple[Callable[[], None], int, list[TrainStep]]]:
+    """name -> (one training step, images it trains on, the TrainSteps to read after a round)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    cfg = TrainConfig.preset("paper", channels_last=channels_last, cuda_graphs=graphs)
+    mcfg = get_config(model_name)
+    xs, ys = _uint8_batches(k, batch, device)
+    norm = Normalize.fit(torch.cat(xs).cpu(), "pixel")
+    rates = lr_table(lambda s: cfg.lr, total_steps, device)
+
+    def trainer_step(model: torch.nn.Module, members: int, step_norm: Normalize) -> TrainStep:
+        model.to(device, memory_format=fmt).train()
+        return TrainStep(
+            model,
+            build_optimizer(model, cfg),
+            members=members,
+            rates=rates,
+            state=MemberState.create(members, warmup=False, device=device),
+            norm=step_norm,
+            capacity=total_steps,
+            warmup_lr=cfg.warmup_lr,
+            warmup_error=cfg.warmup_error,
+            channels_last=channels_last,
+            graphs=graphs,
+        )
 
     singles = []
     for seed in range(k):
         torch.manual_seed(seed)
-        model = build_model(mcfg).to(device, memory_format=fmt).train()
-        singles.append((model, sgd(model.parameters())))
+        singles.append(trainer_step(build_model(mcfg), 1, norm))
 
-    def single_step(m: int) -> None:
-        model, opt = singles[m]
-        loss = F.cross_entropy(model(xs[m]), ys[:, m])
-        opt.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    plain = build_model(mcfg).to(device, memory_format=fmt).train()
+    plain_opt = torch.optim.SGD(
+        plain.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    plain_x = norm(xs[0]).contiguous(memory_format=fmt)
+
+    def plain_step() -> None:
+        loss = F.cross_entropy(plain(plain_x), ys[:, 0])
+        if not torch.isfinite(loss).item():  # the check every conventional loop reads
+            raise FloatingPointError("non-finite loss")
+        plain_opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        plain_opt.step()
+
+    packed_norm = Normalize(norm.mode, norm.mean.repeat(k, 1, 1), norm.std.repeat(k, 1, 1))
+    packed = trainer_step(build_packed(mcfg, list(range(k))), k, packed_norm)
+    packed_x = torch.cat(xs, 1)
 
     def sequential() -> None:
-        for m in range(k):
-            single_step(m)
-
-    x = pack_inputs(xs).contiguous(memory_format=fmt)
-    packed = build_packed(mcfg, list(range(k))).to(device, memory_format=fmt).train()
-    popt = PackedSGD(packed.parameters(), members=k, lr=cfg.lr, momentum=cfg.momentum,
-                     weight_decay=cfg.weight_decay)  # fmt: skip
-    state = MemberState.create(k, warmup=False, device=device)
-    counter = [0]
-
-    def packed_step() -> None:
-        packed_train_step(packed, popt, x, ys, state, step=counter[0], lr=cfg.lr, cfg=cfg)
-        counter[0] += 1
-
-    packed2 = build_packed(mcfg, list(range(k))).to(device, memory_format=fmt).train()
-    topt = sgd(packed2.parameters())
-
-    def packed_torch_sgd() -> None:
-        loss = member_losses(packed2(x), ys).sum()
-        topt.zero_grad(set_to_none=True)
-        loss.backward()
-        topt.step()
+        for m, (single, x) in enumerate(zip(singles, xs, strict=True)):
+            single(x, ys[:, m])
 
     return {
-        "one": (lambda: single_step(0), batch),
-        "sequential": (sequential, k * batch),
-        "packed": (packed_step, k * batch),
-        "packed, torch SGD": (packed_torch_sgd, k * batch),
+        "one": (lambda: singles[0](xs[0], ys[:, 0]), batch, [singles[0]]),
+        "one, plain loop": (plain_step, batch, []),
+        "sequential": (sequential, k * batch, singles),
+        "packed": (lambda: packed(packed_x, ys), k * batch, [packed]),
     }
 
 
-def _conv_pair(channels: int, side: int, k: int, batch: int, device: torch.device,
-               channels_last: bool, repeats: int) -> dict:  # fmt: skip
+def step_rates(args: argparse.Namespace, model_name: str, device: torch.device) -> dict:
+    """Part 1 for one model: rates per variant and layout, and the ratios within rounds."""
+    layouts = (True,) if device.type == "cuda" else (False, True)
+    warmup = max(args.warmup, GRAPH_WARMUP_STEPS + 2) if args.graphs else args.warmup
+    total = 2 * (warmup + args.rounds * args.steps)  # "one" and "sequential" share a step
+    variants = {}
+    for cl in layouts:
+        layout = "channels_last" if cl else "NCHW"
+        made = make_variants(
+            model_name,
+            args.members,
+            args.batch_size,
+            device,
+            channels_last=cl,
+            graphs=args.graphs,
+            total_steps=total,
+        )
+        for name, v in made.items():
+            variants[f"{name}, {layout}"] = v
+    for step, _, readers in variants.values():
+        for _ in range(warmup):
+            step()
+        for r in readers:
+            r.read()
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(args.rounds):
+        for name, (step, images, readers) in variants.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            for reader in readers:  # the trainer's own read: synchronises, checks, logs
+                assert all(reader.read().alive), name
+            _sync(device)
+            rates[name].append(args.steps * images / (time.perf_counter() - t0))
+        print(
+            f"{model_name}: round {r + 1}/{args.rounds} (load {os.getloadavg()[0]:.1f})", flush=True
+        )
+    pairs = {
+        "packed / one": ("packed", "one"),
+        "sequential / one": ("sequential", "one"),
+        "packed / sequential": ("packed", "sequential"),
+        "one / one, plain loop": ("one", "one, plain loop"),
+    }
+    ratios = {
+        ("channels_last" if cl else "NCHW"): {
+            key: statistics.median(
+                a / b
+                for a, b in zip(
+                    rates[f"{num}, {'channels_last' if cl else 'NCHW'}"],
+                    rates[f"{den}, {'channels_last' if cl else 'NCHW'}"],
+                    strict=True,
+                )
+            )
+            for key, (num, den) in pairs.items()
+        }
+        for cl in layouts
+    }
+    rows = [
+        {"variant": n, "images_per_second": statistics.median(v), "per_round": v}
+        for n, v in rates.items()
+    ]
+    return {"rows": rows, "ratios": ratios}
+
+
+def _conv_pair(
+    channels: int,
+    side: int,
+    k: int,
+    batch: int,
+    device: torch.device,
+    channels_last: bool,
+    repeats: int,
+) -> dict:
     fmt = torch.channels_last if channels_last else torch.contiguous_format
 
     def conv(c: int, groups: int) -> torch.nn.Conv2d:
@@ -165,89 +265,134 @@ def conv_layers(k: int, batch: int, device: torch.device, repeats: int) -> list[
         for cl in (False, True):
             r = _conv_pair(channels, side, k, batch, device, cl, repeats)
             rows.append(r)
-            print(f"conv {channels:>2} ch {side:>2} px {r['layout']:<13} {k} separate "
-                  f"{1e3 * r['separate_seconds']:7.1f} ms, grouped "
-                  f"{1e3 * r['grouped_seconds']:7.1f} ms  {r['grouped_kernels']}",
-                  flush=True)  # fmt: skip
+            print(
+                f"conv {channels:>2} ch {side:>2} px {r['layout']:<13} {k} separate "
+                f"{1e3 * r['separate_seconds']:7.1f} ms, grouped "
+                f"{1e3 * r['grouped_seconds']:7.1f} ms  {r['grouped_kernels']}",
+                flush=True,
+            )
     return rows
+
+
+def _synthetic_splits(n_train: int) -> DataSplits:
+    g = torch.Generator().manual_seed(0)
+
+    def split(n: int) -> Split:
+        y = torch.randint(0, 10, (n,), generator=g)
+        return Split(torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8), y)
+
+    return DataSplits(
+        split(n_train), split(512), split(512), [str(i) for i in range(10)], "synthetic 32x32"
+    )
+
+
+def trainer_rates(args: argparse.Namespace, model_name: str, device: torch.device) -> dict:
+    """Part 2 for one model: ``fit`` of one member and of the K members packed."""
+    data = _synthetic_splits(max(4096, args.batch_size * 8))
+    cfg = TrainConfig.preset(
+        "paper",
+        iters=args.fit_iters,
+        eval_every=args.fit_iters,
+        eval_test=False,
+        device=str(device),
+        cuda_graphs=args.graphs,
+        channels_last=device.type == "cuda",
+        tensorboard=False,
+        threads=args.threads,
+    )
+    mcfg = get_config(model_name)
+    out = {}
+    for label, seeds in (("one", [0]), ("packed", list(range(args.members)))):
+        model = build_packed(mcfg, seeds) if len(seeds) > 1 else _seeded(mcfg, seeds[0])
+        t0 = time.perf_counter()
+        result = fit(model, data, cfg, verbose=False)
+        wall = time.perf_counter() - t0
+        rate = result.summary["images_per_second"]
+        out[label] = {"seeds": seeds, "images_per_second": rate, "wall_seconds": wall}
+        print(
+            f"{model_name} fit {label} ({len(seeds)} members): {rate:,.0f} img/s, "
+            f"{wall:.1f} s wall",
+            flush=True,
+        )
+    out["packed / one"] = out["packed"]["images_per_second"] / out["one"]["images_per_second"]
+    return out
+
+
+def _seeded(mcfg: object, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)  # as reslab train --seed S initialises one model
+    return build_model(mcfg)  # type: ignore[arg-type]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="cifar_resnet20")
+    ap.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        help="default: cifar_resnet20 on a CPU, cifar_resnet20 and 56 on a GPU",
+    )
     ap.add_argument("--members", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=128, help="images per member per step")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=4, help="timed steps per variant and round")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument(
+        "--graphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="replay the step as a CUDA graph (default: on a GPU)",
+    )
+    ap.add_argument(
+        "--fit-iters",
+        type=int,
+        default=None,
+        help="steps of each fit run (default: 300 on a GPU, 0 = skip on a CPU)",
+    )
     ap.add_argument("--conv-repeats", type=int, default=5, help="0: skip the convolution check")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/packed_step.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    variants = {}
-    for cl in (False, True):
-        layout = "channels_last" if cl else "NCHW"
-        for name, v in make_variants(args.model, args.members, args.batch_size, device, cl).items():
-            variants[f"{name}, {layout}"] = v
-    for step, _ in variants.values():
-        for _ in range(args.warmup):
-            step()
-    rates: dict[str, list[float]] = {name: [] for name in variants}
+    gpu = device.type == "cuda"
+    args.graphs = gpu if args.graphs is None else args.graphs and gpu
+    args.models = args.models or (
+        ["cifar_resnet20", "cifar_resnet56"] if gpu else ["cifar_resnet20"]
+    )
+    args.fit_iters = (300 if gpu else 0) if args.fit_iters is None else args.fit_iters
     loads = [os.getloadavg()[0]]
-    for r in range(args.rounds):
-        for name, (step, images) in variants.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            _sync(device)
-            rates[name].append(args.steps * images / (time.perf_counter() - t0))
+    results = {}
+    for name in args.models:
+        results[name] = {"step": step_rates(args, name, device)}
+        if args.fit_iters:
+            results[name]["fit"] = trainer_rates(args, name, device)
         loads.append(os.getloadavg()[0])
-        print(f"round {r + 1}/{args.rounds} done (load average {loads[-1]:.1f})", flush=True)
-    rows = []
-    for name, values in rates.items():
-        rows.append({"variant": name, "images_per_second": statistics.median(values),
-                     "per_round": values})  # fmt: skip
-    # each ratio is taken within a round, then the median over rounds: the load of a shared
-    # machine drifts between rounds far more than within one
-    pairs = {"packed / one": ("packed", "one"), "sequential / one": ("sequential", "one"),
-             "packed / sequential": ("packed", "sequential"),
-             "packed torch SGD / packed": ("packed, torch SGD", "packed")}  # fmt: skip
-    ratios = {
-        layout: {
-            key: statistics.median(
-                a / b
-                for a, b in zip(rates[f"{num}, {layout}"], rates[f"{den}, {layout}"], strict=True)
-            )
-            for key, (num, den) in pairs.items()
-        }
-        for layout in ("NCHW", "channels_last")
-    }
     convs = conv_layers(args.members, args.batch_size, device, args.conv_repeats)
-    for row in rows:
-        print(f"{row['variant']:<36} {row['images_per_second']:8.0f} img/s")
-    for layout, r in ratios.items():
-        print(layout, ", ".join(f"{key} {value:.2f}" for key, value in r.items()))
+    for name, r in results.items():
+        for row in r["step"]["rows"]:
+            print(f"{name:<16} {row['variant']:<32} {row['images_per_second']:10,.0f} img/s")
+        for layout, ratios in r["step"]["ratios"].items():
+            print(name, layout, ", ".join(f"{key} {v:.2f}" for key, v in ratios.items()))
+        if "fit" in r:
+            print(f"{name} fit: packed / one {r['fit']['packed / one']:.2f}")
     write_result(
         args.out,
         {
-            "unit": "training images per second, all members (forward + backward + SGD step), "
-            "median over rounds, synthetic input",
-            "model": args.model,
+            "unit": "training images per second, all members; step: median over rounds, "
+            "synthetic batches; fit: the run's own images_per_second (training steps only)",
             "members": args.members,
             "batch_size_per_member": args.batch_size,
             "threads": args.threads,
-            "device": str(device),
+            "graphs": args.graphs,
             "rounds": args.rounds,
             "steps_per_round": args.steps,
+            "fit_iters": args.fit_iters,
             "load_average": loads,
-            "rows": rows,
-            "ratios": ratios,
+            "models": results,
             "conv_layers": convs,
         },
+        device=device,
     )
 
 

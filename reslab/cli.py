@@ -76,10 +76,14 @@ def _dispatch(argv: list[str]) -> int:
         return int(args.func(args) or 0)
     except BrokenPipeError:
         raise
-    # OSError: missing files, but also e.g. --out under an existing file (NotADirectoryError)
+    # OSError: missing files, but also e.g. --out under an existing file (NotADirectoryError), a
+    # full disk (reslab._io.WriteError) or a run folder in use (FolderLockedError)
     except (ValueError, OSError) as exc:
         print(f"reslab {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside training (loading data, evaluating): no traceback
+        print(f"reslab {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":  # pragma: no cover

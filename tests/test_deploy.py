@@ -16,7 +16,7 @@ from torch import nn
 
 from reslab import create_model
 from reslab.cli import main
-from reslab.data import Normalize
+from reslab.data import InputConfig, Normalize
 from reslab.deploy import InferenceModel, InputSpec, fold_batchnorm, input_spec, load_trained
 from reslab.deploy.export import ExportOptions, ExportResult, export_model
 from reslab.train.checkpoint import model_record
@@ -50,7 +50,10 @@ def cifar_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     g = torch.Generator().manual_seed(1)
     norm = Normalize("channel", 0.3 + 0.4 * torch.rand(3, 1, 1, generator=g),
                      0.2 + 0.1 * torch.rand(3, 1, 1, generator=g))  # fmt: skip
-    return save_checkpoint(net, tmp_path_factory.mktemp("ckpt") / "c.pt", CLASSES, norm)
+    # as every checkpoint since format 3 records it: 32x32 inputs, the CIFAR evaluation view
+    view = InputConfig(size=(32, 32), resize=32).with_normalization(norm)
+    return save_checkpoint(net, tmp_path_factory.mktemp("ckpt") / "c.pt", CLASSES, norm,
+                           input_config=view.to_dict())  # fmt: skip
 
 
 def cifar_test_images(n: int) -> torch.Tensor:
@@ -93,10 +96,28 @@ def test_input_spec_from_the_checkpoint() -> None:
     channel = {"model_config": {"in_channels": 1, "stem": "imagenet"},
                "normalization": {"mode": "channel", "mean": torch.rand(1, 1, 1),
                                  "std": torch.ones(1, 1, 1)}}  # fmt: skip
-    assert (input_spec(channel).height, input_spec(channel).fixed_size) == (224, False)
-    assert input_spec(channel, image_size=64).width == 64
+    # a checkpoint of format 1 or 2 with a per-channel normalisation records no size: given,
+    # not guessed (a stem's design size or the last progressive-resizing side would be a guess)
+    with pytest.raises(ValueError, match=r"does not record the image size.*--image-size N"):
+        input_spec(channel)
     resized = {**channel, "train_config": {"resolutions": [[0.0, 16], [0.7, 40]]}}
-    assert input_spec(resized).height == 40  # the run's last training size
+    with pytest.raises(ValueError, match="does not record the image size"):
+        input_spec(resized)
+    assert (
+        input_spec(channel, image_size=64).width,
+        input_spec(channel, image_size=64).fixed_size,
+    ) == (64, False)
+    # format 3: the checkpoint's own input config, its evaluation view scaled with --image-size
+    view = InputConfig(channels=1, size=(224, 224), resize=256, mean=(0.5,), std=(0.25,))
+    spec = input_spec({**channel, "input_config": view.to_dict()})
+    assert (spec.height, spec.resize, spec.normalization, spec.fixed_size) == (
+        224,
+        256,
+        "channel",
+        False,
+    )
+    assert spec.mean.flatten().tolist() == [0.5] and spec.std.flatten().tolist() == [0.25]
+    assert (input_spec({**channel, "input_config": view.to_dict()}, image_size=112).resize) == 128
     dense = {"model_kind": "dense", "model_config": {"widths": [64, 64]}, "normalization": None}
     spec = input_spec(dense)
     assert (spec.channels, spec.height, spec.fixed_size) == (1, 8, True)
@@ -355,12 +376,12 @@ def test_predict_unreadable_images(
     out = tmp_path / "out.jsonl"
     assert cli([*argv, "--output", str(out)]) == 2  # stops, names the file, writes nothing
     err = capsys.readouterr().err
-    assert f"cannot read image {bad}" in err and len(err.strip().splitlines()) == 1
+    assert f"cannot use image {bad}: not an image" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
     assert cli([*argv, "--skip-unreadable"]) == 0
     captured = capsys.readouterr()
     found = predictions(captured.out)
-    assert list(found)[:3] == [p.name for p in good] and "cannot read image" in found["broken.png"]
+    assert list(found)[:3] == [p.name for p in good] and "not an image" in found["broken.png"]
     assert "skipped 1 unreadable image(s)" in captured.err and str(bad) in captured.err
     assert cli(["predict", str(_named_pipe(tmp_path)), *map(str, good)]) == 2  # not read: no hang
     assert "is not a regular file" in capsys.readouterr().err
@@ -480,9 +501,9 @@ def test_int8_export_of_a_digits_run(
         drop = ((want == test.labels).float().mean() - (got == test.labels).float().mean()).item()
         assert agreement >= 0.97 and drop <= 0.02, (fmt, agreement, drop)
         assert load_exported(out).meta["int8"]["calibration_images"] == 256
-    # the checkpoint records no input size (per-channel normalisation): said, not guessed
-    assert cli(["export", str(digits_run), "--int8", "--out", str(tmp_path / "x.onnx")]) == 2
-    assert "has 8x8 images but the checkpoint records no input size" in capsys.readouterr().err
+    # the checkpoint records its input config (format 3): no --image-size needed, none guessed
+    assert cli(["export", str(digits_run), "--int8", "--out", str(tmp_path / "x.onnx")]) == 0
+    assert load_exported(tmp_path / "x.onnx").meta["input"]["shape"][1:] == [1, 8, 8]
 
 
 def test_a_missing_extra_is_one_line(

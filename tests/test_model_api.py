@@ -225,6 +225,8 @@ EXPORTED = [
     ("cifar_preact_resnet164", {"layers": (1, 1, 1)}),
     ("cifar_resnet20", {"ordering": "bn_after_add", "layers": (1, 1, 1)}),
     ("cifar_resnet20", {"ordering": "relu_preact", "block": "bottleneck", "layers": (1, 1, 1)}),
+    ("cifar_resnet20", {"combine": "exclusive_gate", "layers": (1, 1, 1)}),  # He et al. 2016 T. 1
+    ("cifar_preact_resnet164", {"combine": "dropout", "layers": (1, 1, 1)}),
     ("dense_resnet10", {}),
 ]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -20,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reslab.data import DataSplits, Normalize, Split, random_crop_flip
+from reslab.data import DataSplits, Normalize
+from reslab.data.feed import endless
+from reslab.data.training import MemoryData
 from reslab.models import DenseConfig, ResNetConfig, build_model, get_config
 from reslab.models.packed import (
     PACKERS,
@@ -33,6 +36,7 @@ from reslab.models.packed import (
     unpack_state_dicts,
 )
 from reslab.train import TrainConfig, fit, learning_rate
+from reslab.train.captured import TrainStep, lr_table
 from reslab.train.checkpoint import load_model, model_record, save_checkpoint
 from reslab.train.packed import (
     WARMUP_WINDOW,
@@ -42,7 +46,6 @@ from reslab.train.packed import (
     member_finite,
     member_losses,
     member_optimizer_states,
-    packed_train_step,
 )
 from reslab.train.schedule import wants_warmup
 
@@ -72,22 +75,17 @@ ALL_NETS = {
     **NETS,
     "imagenet_bottleneck": ("resnet50", {"layers": (1, 1, 1, 1), "widths": (4, 8, 8, 8),
                                          "stem_width": 8}),
+    # He et al. 2016 Table 1: the constant scaling and the two gates (1x1 conv + sigmoid)
+    "scale": ("cifar_resnet20", {"layers": (1, 1, 1), "combine": "scale"}),
+    "exclusive_gate": ("cifar_resnet20", {"layers": (1, 1, 1), "combine": "exclusive_gate"}),
+    "shortcut_gate_B": ("cifar_resnet20", {"layers": (1, 1, 1), "combine": "shortcut_gate",
+                                           "shortcut": "B"}),
 }  # fmt: skip
 
 
-def _synthetic(n: int, seed: int, size: int = 8) -> Split:
-    """Images whose class shifts their mean: the loss falls within a few steps."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 10, (n,), generator=g)
-    base = torch.rand(10, 3, size, size, generator=torch.Generator().manual_seed(99)) * 255
-    x = 0.5 * base[y] + 0.5 * torch.rand(n, 3, size, size, generator=g) * 255
-    return Split(x.to(torch.uint8), y)
-
-
 @pytest.fixture(scope="module")
-def splits() -> DataSplits:
-    classes = [str(i) for i in range(10)]
-    return DataSplits(_synthetic(128, 0), _synthetic(32, 1), _synthetic(32, 2), classes, "synth")
+def splits(class_shifted: DataSplits) -> DataSplits:
+    return class_shifted
 
 
 def _config(net: str) -> ResNetConfig:
@@ -133,33 +131,26 @@ def _separate_runs(
     dtype: torch.dtype,
     poison: tuple[int, int] | None = None,
 ) -> list[dict]:
-    """K ordinary runs, each as the trainer runs it (reslab.train.loop.fit, step for step):
-    its generator, a permutation per epoch, crop+flip, torch.optim.SGD, the warm-up rule.
-    ``poison=(member, step)`` makes that member's batch NaN at that step; the run then stops
-    before the optimiser step, as the trainer does."""
+    """K ordinary runs, each as the trainer runs it (reslab.train.loop.fit, step for step): the
+    training batches of its seed, torch.optim.SGD, the warm-up rule. ``poison=(member, step)``
+    makes that member's batch NaN at that step; the run then stops before the optimiser step,
+    as a run of its own does."""
     norm = Normalize.fit(splits.train.images, cfg.normalize)
-    n, b = len(splits.train), cfg.batch_size
-    spe = cfg.steps_per_epoch(n)
+    b = cfg.batch_size
     out = []
     for m, (model, seed) in enumerate(zip(models, SEEDS, strict=True)):
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
         opt = torch.optim.SGD(_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum,
                               nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)  # fmt: skip
-        g = torch.Generator().manual_seed(seed)
-        perm: Tensor | None = None
+        batches = endless(MemberBatches.of(MemoryData(splits), [seed], cfg))
         warming = wants_warmup(cfg, model.config.depth)
         recent: list[float] = []
         losses: list[float] = []
         left_warmup = None
         for step in range(steps):
-            pos = step % spe
-            if pos == 0 or perm is None:
-                perm = torch.randperm(n, generator=g)
-            idx = perm[pos * b : (pos + 1) * b]
-            x = random_crop_flip(splits.train.images[idx], padding=cfg.pad, flip=cfg.flip,
-                                 generator=g)  # fmt: skip
-            x, y = norm(x).to(dtype), splits.train.labels[idx]
+            x, y = next(batches)
+            x, y = norm(x).to(dtype), y[:, 0]
             if poison == (m, step):
                 x = torch.full_like(x, math.nan)
             if cfg.channels_last:
@@ -192,30 +183,43 @@ def _packed_run(
     dtype: torch.dtype,
     poison: tuple[int, int] | None = None,
 ) -> dict:
+    """The packed network trained by the trainer's step (TrainStep, members=K) on MemberBatches;
+    ``poison=(member, step)`` makes that member's batch NaN at that step."""
     if cfg.channels_last:
         packed.to(memory_format=torch.channels_last)
     k = packed.members
-    opt = PackedSGD(_groups(packed, cfg), members=k, lr=cfg.lr, momentum=cfg.momentum,
-                    nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)  # fmt: skip
+    opt = torch.optim.SGD(_groups(packed, cfg), lr=cfg.lr, momentum=cfg.momentum,
+                          nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)  # fmt: skip
     norm = Normalize.fit(splits.train.images, cfg.normalize)
-    batches = MemberBatches(splits.train.images, splits.train.labels, SEEDS, cfg, norm)
+    packed_norm = Normalize(norm.mode, norm.mean.repeat(k, 1, 1), norm.std.repeat(k, 1, 1))
+    batches = endless(MemberBatches.of(MemoryData(splits), SEEDS, cfg))
     state = MemberState.create(k, warmup=wants_warmup(cfg, packed.config.depth))
-    stats, left = [], [None] * k
-    for step in range(steps):
-        x, y = batches.batch(step)
-        x = x.to(dtype)
-        if poison is not None and poison[1] == step:
+    at = [0]
+
+    def inputs(images: Tensor) -> Tensor:
+        x = packed_norm(images).to(dtype)
+        if poison is not None and poison[1] == at[0]:
             c = packed.config.in_channels
             x[:, poison[0] * c : (poison[0] + 1) * c] = math.nan
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    step = TrainStep(
+        packed, opt, members=k, rates=lr_table(lambda s: learning_rate(s, steps, cfg), steps),
+        state=state, norm=inputs, capacity=steps, warmup_lr=cfg.warmup_lr,
+        warmup_error=cfg.warmup_error, label_smoothing=cfg.label_smoothing,
+        channels_last=cfg.channels_last,
+    )  # fmt: skip
+    left: list[int | None] = [None] * k
+    for s in range(steps):
+        at[0] = s
         was = state.warming.clone()
-        stats.append(packed_train_step(packed, opt, x, y, state, step=step,
-                                       lr=learning_rate(step, steps, cfg), cfg=cfg))  # fmt: skip
+        step(*next(batches))
         for m in range(k):
             if was[m] and not state.warming[m]:
-                left[m] = step
-    return {"optimizer": opt, "stats": torch.stack(stats), "state": state, "left_warmup": left}
+                left[m] = s
+    report = step.read()
+    stats = torch.tensor([report.losses, report.wrong], dtype=torch.float64).transpose(0, 1)
+    return {"optimizer": opt, "stats": stats, "state": state, "left_warmup": left}
 
 
 def _assert_state_close(packed: PackedNet, models: list[nn.Module], **tol: float) -> None:
@@ -312,7 +316,7 @@ def test_packed_training_matches_the_trainer(splits) -> None:
         fits.append(fit(model, splits, dataclasses.replace(tcfg, seed=seed), verbose=False))
     packed = build_packed(cfg, SEEDS)
     result = _packed_run(packed, splits, tcfg, steps=3, dtype=torch.float32)
-    losses = torch.tensor([f.losses for f in fits]).T
+    losses = torch.tensor([f.losses for f in fits], dtype=torch.float64).T
     torch.testing.assert_close(result["stats"][0, 0], losses[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(result["stats"][:, 0], losses, rtol=1e-3, atol=1e-4)
     _assert_state_close(packed, [f.model for f in fits], rtol=1e-3, atol=1e-3)
@@ -322,7 +326,7 @@ def test_warmup_ends_at_each_members_own_step(splits) -> None:
     """He et al. 2015 §4.2: lr 0.01 until the member's training error is below the threshold,
     then 0.1, per member; the packed run leaves warm-up at the steps the separate runs do."""
     cfg = _config("resnet20_A")
-    tcfg = _train_cfg(iters=16, warmup="error", warmup_error=0.86)
+    tcfg = _train_cfg(iters=16, warmup="error", warmup_error=0.88)
     runs = _separate_runs(_members(cfg, torch.float64), splits, tcfg, steps=16, dtype=torch.float64)
     left = [r["left_warmup"] for r in runs]
     assert None not in left and len(set(left)) > 1, (
@@ -339,18 +343,29 @@ def test_member_state_warmup_rule() -> None:
     cfg = _train_cfg(warmup="error", warmup_error=0.8)
     state = MemberState.create(2, warmup=True)
     for step in range(WARMUP_WINDOW - 1):  # under the threshold, but the window is not full
-        state.observe_errors(torch.tensor([0, 32]), step, batch_size=32, cfg=cfg)
+        state.observe_errors(
+            torch.tensor([0, 32]), step, batch_size=32, warmup_error=cfg.warmup_error
+        )
         assert state.warming.tolist() == [True, True]
-    state.observe_errors(torch.tensor([0, 32]), WARMUP_WINDOW - 1, batch_size=32, cfg=cfg)
+    state.observe_errors(
+        torch.tensor([0, 32]), WARMUP_WINDOW - 1, batch_size=32, warmup_error=cfg.warmup_error
+    )
     assert state.warming.tolist() == [False, True]
     # exactly 80 % wrong is not "below 80 %"; one image fewer is
     state = MemberState.create(1, warmup=True)
     for step, wrong in enumerate([26] * 9 + [22]):  # 256 wrong of 320
-        state.observe_errors(torch.tensor([wrong]), step, batch_size=32, cfg=cfg)
+        state.observe_errors(
+            torch.tensor([wrong]), step, batch_size=32, warmup_error=cfg.warmup_error
+        )
     assert state.warming.tolist() == [True]
-    state.observe_errors(torch.tensor([21]), 10, batch_size=32, cfg=cfg)  # window: 9x26 + 22 + 21
+    state.observe_errors(
+        torch.tensor([21]), 10, batch_size=32, warmup_error=cfg.warmup_error
+    )  # window: 9x26 + 22 + 21
     assert state.warming.tolist() == [False]
-    assert state.lr_scale(0.1, cfg).dtype == torch.float64
+    both = MemberState.create(2, warmup=True)
+    both.warming[1] = False
+    rate = both.learning_rate(torch.tensor([0.1], dtype=torch.float64), cfg.warmup_lr)
+    assert rate.dtype == torch.float64 and rate.tolist() == [cfg.warmup_lr, 0.1]
 
 
 def test_nonfinite_member_is_masked_and_the_others_continue(splits) -> None:
@@ -462,18 +477,27 @@ def test_unpacked_optimizer_state_resumes_as_an_ordinary_run(splits) -> None:
 
 
 def test_member_batches_resume_exactly(splits) -> None:
+    """The packed batches are each seed's own training batches (what a run with that seed
+    draws), and their position resumes exactly, across an epoch boundary."""
     cfg = _train_cfg()
-    norm = Normalize.fit(splits.train.images, "pixel")
-    a = MemberBatches(splits.train.images, splits.train.labels, SEEDS, cfg, norm)
-    for step in range(10):  # past the first epoch (128 images / 16 = 8 steps)
-        a.batch(step)
-    b = MemberBatches(splits.train.images, splits.train.labels, SEEDS, cfg, norm)
-    b.load_state_dict(a.state_dict())
-    for step in range(10, 20):
-        (xa, ya), (xb, yb) = a.batch(step), b.batch(step)
+    data = MemoryData(splits)
+    a = endless(MemberBatches.of(data, SEEDS, cfg))
+    own = [endless(MemberBatches.of(data, [s], cfg)) for s in SEEDS]
+    source = MemberBatches.of(data, SEEDS, cfg)
+    stream = endless(source)
+    for _ in range(10):  # past the first epoch (128 images / 16 = 8 steps)
+        x, y = next(stream)
+        singles = [next(o) for o in own]
+        assert torch.equal(x, torch.cat([xs for xs, _ in singles], 1))
+        assert torch.equal(y, torch.cat([ys for _, ys in singles], 1))
+    b = MemberBatches.of(data, SEEDS, cfg)
+    b.load_state_dict(source.state_dict())
+    resumed = endless(b)
+    for _ in range(10):
+        (xa, ya), (xb, yb) = next(stream), next(resumed)
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    x, y = a.batch(20)
-    assert x.shape == (16, 9, 8, 8) and y.shape == (16, 3)
+    x, y = next(a)
+    assert x.shape == (16, 9, 8, 8) and x.dtype == torch.uint8 and y.shape == (16, 3)
     assert not torch.equal(y[:, 0], y[:, 1])  # each member its own order
 
 
@@ -528,6 +552,8 @@ def test_pack_refuses_what_it_cannot_pack_exactly() -> None:
         model.layer1[1].downsample = _Shuffle(16)  # type: ignore[index]
     with pytest.raises(ValueError, match=r"does not compute its members' outputs.*mixes"):
         pack(models)
+    with pytest.raises(ValueError, match=r"\.combine\.drop \(Dropout\): its masks"):
+        build_packed(dataclasses.replace(cfg, combine="dropout"), [0, 1])  # Table 1's dropout
     with pytest.raises(ValueError, match="does not split into 3 members"):
         PackedSGD([torch.zeros(4, requires_grad=True)], members=3, lr=0.1)
 
@@ -717,15 +743,6 @@ def test_gpu_plan_writes_only_its_block_of_the_docs(gpu_plan, tmp_path) -> None:
     assert docs.read_text().endswith("third\n" + gpu_plan.END + "\n\n## after\n")
 
 
-def test_gpu_plan_packed_runner_names_what_is_missing(gpu_plan, tmp_path) -> None:
-    jobs = gpu_plan.make_plan()
-    with pytest.raises(NotImplementedError, match=r"reslab train MODEL --seeds"):
-        gpu_plan.advance(jobs, tmp_path, gpu_plan.PackedRunner(), budget=540)
-    assert gpu_plan.load_state(tmp_path) == {"version": 1, "jobs": {}}  # nothing marked
-    assert gpu_plan.main(["--state", str(tmp_path), "--json", str(tmp_path / "r.json"),
-                          "--docs", str(tmp_path / "d.md")]) == 2  # fmt: skip
-
-
 def test_gpu_plan_exports_what_the_next_machine_needs(gpu_plan, tmp_path) -> None:
     jobs = gpu_plan.make_plan()[:2]
     state_dir = tmp_path / "state"
@@ -752,3 +769,32 @@ def test_gpu_plan_sequential_runner_trains_real_runs(gpu_plan, tmp_path) -> None
         m = rec["members"][seed]
         assert m["status"] == "finished" and m["steps"] == 3 and 0 <= m["test_error"] <= 100
         assert (tmp_path / f"table6-resnet20-seed{seed}" / "checkpoint_latest.pt").exists()
+
+
+@pytest.mark.slow
+def test_gpu_plan_packed_runner_trains_real_runs(gpu_plan, tmp_path) -> None:
+    """The plan's default runner end to end on the CPU, through its command line: two seeds of
+    ResNet-20 packed, 3 steps on the digits (state, JSON, table); the same packed run folder then
+    continues to step 5, as the next command continues a run stopped at its budget."""
+    state_dir = tmp_path / "state"
+    argv = ["--data", "digits", "--device", "cpu", "--threads", "1", "--iters", "3",
+            "--seeds", "0", "1", "--jobs", "table6/resnet20", "--state", str(state_dir),
+            "--json", str(tmp_path / "r.json"), "--docs", str(tmp_path / "d.md")]  # fmt: skip
+    assert gpu_plan.main(argv) == 0
+    rec = gpu_plan.load_state(state_dir)["jobs"]["table6/resnet20"]
+    assert rec["status"] == "finished" and rec["segments"][0]["runner"] == "packed"
+    for seed in ("0", "1"):
+        m = rec["members"][seed]
+        assert m["status"] == "finished" and m["steps"] == 3 and 0 <= m["test_error"] <= 100
+    run = state_dir / "table6-resnet20-seeds-0-1"
+    assert (run / "summary.json").exists() and (run / "seed-1" / "checkpoint_best.pt").exists()
+    assert "| ResNet-20 | 2/2 |" in (tmp_path / "d.md").read_text()
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert rows[0]["seeds_finished"] == [0, 1]
+    spec = {"data": "digits", "model": "cifar_resnet20", "options": {}, "seeds": [0, 1],
+            "out": str(run), "device": "cpu", "threads": 1, "iters": 5,
+            "train_options": {}}  # fmt: skip
+    assert gpu_plan.train_job(spec) == 0
+    assert torch.load(run / "seed-0" / "checkpoint_latest.pt", weights_only=True)["step"] == 5
+    with pytest.raises(SystemExit, match="2"):  # argparse's usage error
+        gpu_plan.main(["--jobs", "table6/nothing", "--report"])

@@ -12,12 +12,17 @@ import torch
 from reslab import create_model
 from reslab.cli import main
 from reslab.data import DataSplits, Split
-from reslab.train import InMemoryBatches, RunState, TrainConfig, TrainingBatches, evaluate
+from reslab.data.feed import InMemoryBatches, TrainingBatches
+from reslab.data.training import MemoryData
+from reslab.train import RunState, TrainConfig, evaluate
+from reslab.train.captured import TrainStep, lr_table
 from reslab.train.checkpoint import FORMAT_VERSION, load_checkpoint, model_record, save_checkpoint
 from reslab.train.distributed import DistInfo
 from reslab.train.evaluation import evaluate_point, format_record, summarize
+from reslab.train.members import MemberState
+from reslab.train.schedule import learning_rate
 from reslab.train.setup import Placement, place, prepare_model
-from reslab.train.step import StepOptions, build_optimizer, model_inputs, train_step
+from reslab.train.step import build_optimizer
 
 CPU = Placement(torch.device("cpu"), DistInfo())
 
@@ -31,24 +36,39 @@ def _state(splits: DataSplits, cfg: TrainConfig, *, init_seed: int = 0):
     assert place(cfg) == CPU  # and one thread, as the digits recipe asks
     torch.manual_seed(init_seed)
     model = create_model("cifar_resnet20", in_channels=1, num_classes=10)
-    norm = prepare_model(model, cfg, CPU, splits.train.images)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    batches = InMemoryBatches(
-        splits.train, batch_size=cfg.batch_size, generator=generator, device=CPU.device,
-        augment=cfg.augment, pad=cfg.pad, flip=cfg.flip,
-    )  # fmt: skip
+    data = MemoryData(splits)
+    norm = prepare_model(model, cfg, CPU, data.input.with_normalization(data.normalization(
+        cfg.normalize)))  # fmt: skip
+    batches = data.train_batches(
+        cfg.batch_size, seed=cfg.seed, device=CPU.device, pad=cfg.pad, flip=cfg.flip
+    )
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    return RunState(model, optimizer, scaler, batches, generator), norm
+    return RunState(model, optimizer, scaler, batches), norm
 
 
 def _train(state: RunState, norm, cfg: TrainConfig, steps: int) -> list[float]:
-    options = StepOptions.of(cfg)
+    """``steps`` of the trainer's step from where ``state`` is, then its numbers back in it."""
+    total = 100
+    members = MemberState.create(1, warmup=state.warming)
+    members.set_warmup_record(0, state.step, warming=state.warming,
+                              recent_errors=state.recent_errors)  # fmt: skip
+    step = TrainStep(
+        state.model, state.optimizer, members=1,
+        rates=lr_table(lambda s: learning_rate(s, total, cfg), total), state=members,
+        norm=norm, capacity=steps, warmup_lr=cfg.warmup_lr, warmup_error=cfg.warmup_error,
+        label_smoothing=cfg.label_smoothing, step=state.step,
+    )  # fmt: skip
+    stream = iter(())
     for _ in range(steps):
-        images, labels = state.batches.batch(state.step)
-        x = model_inputs(images, norm)
-        stats = train_step(state.model, state.optimizer, state.scaler, x, labels, options=options)
-        state.record_step(stats, 0.0, warmup_error=cfg.warmup_error)
+        images_labels = next(stream, None)
+        if images_labels is None:  # the end of an epoch: the next one from the position on
+            stream = iter(state.batches)
+            images_labels = next(stream)
+        step(*images_labels)
+    state.absorb(step.read(), 0.0)
+    state.step += steps
+    state.warming, state.recent_errors = members.warmup_record(0, state.step)
     return state.losses
 
 
@@ -81,7 +101,11 @@ def test_run_state_round_trip_continues_identically(digits) -> None:
                 if not torch.is_tensor(value)
                 else torch.equal(again[key], value)
             )
-    assert torch.equal(again["batches"]["perm"], saved["batches"]["perm"])
+    assert (
+        again["batches"]
+        == saved["batches"]
+        == {"epoch": 0, "batch": 17, "seed": 0, "num_samples": 1295, "world_size": 1}
+    )
     assert all(torch.equal(again["model"][k], v) for k, v in saved["model"].items())
     resumed = _train(b, norm_b, cfg, 8)[17:]
     assert resumed == straight
@@ -90,16 +114,22 @@ def test_run_state_round_trip_continues_identically(digits) -> None:
 
 
 def test_run_state_without_the_data_position_diverges(digits) -> None:
-    """The round trip above is not exact by accident: a wrong permutation changes the steps."""
+    """The round trip above is not exact by accident: a wrong position changes the steps."""
     cfg = _cfg()
     a, norm = _state(digits, cfg)
     _train(a, norm, cfg, 5)
     saved = _through_a_file(a.state_dict())
     straight = _train(a, norm, cfg, 3)[5:]
-    saved["batches"]["perm"] = torch.randperm(len(digits.train))
+    saved["batches"]["batch"] = 9
     b, norm_b = _state(digits, cfg)
     b.load_state_dict(saved)
     assert _train(b, norm_b, cfg, 3)[5:] != straight
+
+
+def _epochs(batches: TrainingBatches, epochs: int):
+    """The batches of ``epochs`` epochs in a row."""
+    for _ in range(epochs):
+        yield from batches
 
 
 def _small(digits, n: int) -> DataSplits:
@@ -109,34 +139,39 @@ def _small(digits, n: int) -> DataSplits:
 
 
 def test_batches_shard_the_real_batch_evenly_over_ranks(digits) -> None:
-    """Every rank's share is equal and the shares together are the one-process batch, for full
-    batches and for a data set smaller than one batch (40 images, batch 64: 2 x 20)."""
+    """Every rank's share is equal and the shares together are the one-process batch (images,
+    augmentation and labels), for full batches and for a data set smaller than one batch (40
+    images, batch 64: 2 x 20), across epochs."""
     for n, batch, sizes in ((40, 64, [20, 20]), (200, 64, [32, 32])):
-        split = _small(digits, n).train
+        data = MemoryData(_small(digits, n))
 
-        def source(rank: int, world: int, split=split, batch=batch) -> InMemoryBatches:
-            gen = torch.Generator().manual_seed(3)
-            return InMemoryBatches(split, batch_size=batch, generator=gen, device=CPU.device,
-                                   pad=1, flip=False, rank=rank, world_size=world)  # fmt: skip
+        def source(rank: int, world: int, data=data, batch=batch) -> TrainingBatches:
+            return data.train_batches(batch, seed=3, device=CPU.device, pad=1, flip=True,
+                                      rank=rank, world_size=world)  # fmt: skip
 
         one, ranks = source(0, 1), [source(r, 2) for r in (0, 1)]
-        for step in range(5):  # across epochs (3 steps each for 200 images)
-            x, y = one.batch(step)
-            shares = [r.batch(step) for r in ranks]
+        assert len(one) == len(ranks[0]) == len(ranks[1]) == max(1, n // batch)
+        streams = [_epochs(b, 5) for b in ranks]
+        whole = _epochs(one, 5)
+        for _ in range(5):  # across epochs (3 steps each for 200 images)
+            x, y = next(whole)
+            shares = [next(s) for s in streams]
             assert [len(s[1]) for s in shares] == sizes
-            assert torch.equal(torch.cat([s[0] for s in shares]), x)
-            assert torch.equal(torch.cat([s[1] for s in shares]), y)
-    gen = torch.Generator()
+            # the ranks take strided shares of the global batch: compare (image, label) pairs
+            pairs = [(bytes(a.flatten().numpy()), int(b)) for a, b in zip(x, y, strict=True)]
+            assert sorted(pairs) == sorted(
+                (bytes(a.flatten().numpy()), int(b))
+                for xs, ys in shares
+                for a, b in zip(xs, ys, strict=True)
+            )
     with pytest.raises(ValueError, match=r"41 training images.*evenly over 2 ranks"):
-        InMemoryBatches(_small(digits, 41).train, batch_size=64, generator=gen,
-                        device=CPU.device, world_size=2)  # fmt: skip
+        MemoryData(_small(digits, 41)).train_batches(64, seed=0, device=CPU.device, world_size=2)
 
 
-def test_batches_refuse_a_data_order_of_other_data(digits) -> None:
-    gen = torch.Generator()
-    src = InMemoryBatches(digits.train, batch_size=64, generator=gen, device=CPU.device)
-    with pytest.raises(ValueError, match="covers 40 training images"):
-        src.load_state_dict({"perm": torch.arange(40)})
+def test_batches_refuse_a_position_of_other_data(digits) -> None:
+    src = InMemoryBatches(digits.train.images, digits.train.labels, batch_size=64)
+    with pytest.raises(ValueError, match="num_samples=40, this loader 1295"):
+        src.load_state_dict({"epoch": 0, "batch": 3, "num_samples": 40})
 
 
 # -- evaluation --
@@ -148,18 +183,19 @@ def test_evaluation_point_and_summary(digits) -> None:
     record = state.close_window(lr=0.1, steps_per_epoch=20)
     assert record["step"] == 3 and record["epoch"] == 3 / 20
     assert record["loss"] == pytest.approx(sum(state.losses) / 3)
-    evaluate_point(model, digits, cfg, CPU.device, record)
+    evaluate_point(model, MemoryData(digits), cfg, CPU.device, record)
     assert record["val_error"] == evaluate(model, digits.val)["error"]  # single view
     assert record["test_error"] == evaluate(model, digits.test)["error"]
     no_test = {}
-    evaluate_point(model, digits, dataclasses.replace(cfg, eval_test=False), CPU.device, no_test)
+    no_eval_test = dataclasses.replace(cfg, eval_test=False)
+    evaluate_point(model, MemoryData(digits), no_eval_test, CPU.device, no_test)
     assert no_test["test_error"] is None
     line = format_record(record, 30)
     assert line.startswith("step 3/30") and f"val err {100 * record['val_error']:.2f}%" in line
 
     assert state.improves(record["val_error"]) and not state.improves(record["val_error"])
     state.train_seconds, state.images = 2.0, 192
-    s = summarize(model, digits, cfg, CPU.device, state, total=30, steps_per_epoch=20)
+    s = summarize(model, MemoryData(digits), cfg, CPU.device, state, total=30, steps_per_epoch=20)
     flipped = evaluate(model, digits.test, flip=True)
     assert s["test_accuracy"] == flipped["accuracy"]
     assert s["test_accuracy_single_view"] == flipped["single_view_accuracy"]
@@ -168,7 +204,7 @@ def test_evaluation_point_and_summary(digits) -> None:
     assert (s["images_per_second"], s["steps"], s["epochs"]) == (96.0, 30, 1.5)
     assert s["final_train_loss"] == state.losses[-1]
     empty = dataclasses.replace(digits, val=Split(digits.val.images[:0], digits.val.labels[:0]))
-    s = summarize(model, empty, cfg, CPU.device, state, total=30, steps_per_epoch=20)
+    s = summarize(model, MemoryData(empty), cfg, CPU.device, state, total=30, steps_per_epoch=20)
     assert s["val_accuracy"] is None
     assert math.isnan(evaluate(model, empty.val)["accuracy"])
 

@@ -569,7 +569,7 @@ def test_predict_names_bad_images_and_topk(
     for bad in (notimg, trunc, folder):
         with pytest.raises(ValueError, match=str(bad)):
             predict_files(ckpt, [digit_images[0], bad], image_size=8)
-        assert main(["predict", str(ckpt), str(bad)]) == 2
+        assert main(["predict", str(ckpt), str(bad), "--image-size", "8"]) == 2
         assert str(bad) in capsys.readouterr().err
     for k in (-1, 0):
         with pytest.raises(ValueError, match=f"topk must be >= 1, got {k}"):

@@ -9,13 +9,24 @@ JSON (every number) and PNG figures and returns a printable table:
 - :mod:`~reslab.analysis.lesion` - deleting single units, Veit et al. 2016
 - :mod:`~reslab.analysis.ode` - tau = T/L as forward Euler; learnable tau
 - :mod:`~reslab.analysis.orderings` - the five unit orderings, He et al. 2016 Table 2
+- :mod:`~reslab.analysis.shortcuts` - scaled, gated, 1x1 and dropout shortcuts, He et al. 2016
+  Table 1
 - :mod:`~reslab.analysis.toy` - seed 000's one-node example, autograd vs product formula
 """
 
 from reslab.analysis.gradflow import GradientProfile, gradient_profile
 from reslab.analysis.hooks import GradientRecorder, find_blocks, find_weight_layers
 
-EXPERIMENTS = ("gradflow", "degradation", "responses", "lesion", "ode", "orderings", "toy")
+EXPERIMENTS = (
+    "gradflow",
+    "degradation",
+    "responses",
+    "lesion",
+    "ode",
+    "orderings",
+    "shortcuts",
+    "toy",
+)
 
 __all__ = [
     "EXPERIMENTS",

@@ -9,12 +9,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from reslab._io import atomic_path
+
+if TYPE_CHECKING:
+    from reslab.data import DataSplits
 
 __all__ = [
     "Batch",
@@ -34,7 +37,9 @@ def to_float(x: Tensor | float) -> float:
     return float(x.detach().double().item()) if isinstance(x, Tensor) else float(x)
 
 
-def new_figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (5.0, 3.6)):
+def new_figure(
+    ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (5.0, 3.6)
+) -> tuple[Any, Any]:
     """A matplotlib figure on the Agg backend (no display needed)."""
     import matplotlib
 
@@ -82,7 +87,7 @@ def input_shape(model: nn.Module) -> tuple[int, int, int]:
     """A natural input for a network: 8x8 digits for dense nets, 32x32 (CIFAR stem) or 224x224."""
     cfg = getattr(model, "config", None)
     widths = getattr(cfg, "widths", None)
-    if hasattr(cfg, "tau_mode"):
+    if hasattr(cfg, "tau_mode") and widths is not None:
         n = widths[0]
         side = math.isqrt(n)
         return (1, side, side) if side * side == n else (1, 1, n)
@@ -91,7 +96,7 @@ def input_shape(model: nn.Module) -> tuple[int, int, int]:
     return (getattr(cfg, "in_channels", 3), 224, 224)
 
 
-def load_splits(spec: str, **kw: Any):
+def load_splits(spec: str, **kw: Any) -> DataSplits:
     """The trainer's data loader (``reslab.data.load_data``), imported when first needed."""
     from reslab.data import load_data
 

@@ -7,7 +7,7 @@ error increases" - an optimisation difficulty, not overfitting. Seed 003 puts it
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ def degradation_runs(
     *,
     depths: Sequence[int] = (20, 32, 44, 56),
     seed: int = 0,
-    log=write_line,
+    log: Callable[[str], None] = write_line,
 ) -> list[dict[str, Any]]:
     """Train the plain and residual twin at each depth with ``cfg``; one row per network."""
     rows = []
@@ -64,7 +64,7 @@ def degradation_runs(
                 num_classes=splits.num_classes,
             )
             run = train_net(name, model, splits, cfg, seed=seed)
-            row = {
+            row: dict[str, Any] = {
                 "net": name,
                 "family": family,
                 "depth": depth,
@@ -86,8 +86,8 @@ def degradation_runs(
 
 
 def plot_degradation(
-    rows: Sequence[dict[str, Any]], out_dir, name: str = "degradation.png", title: str = ""
-):
+    rows: Sequence[dict[str, Any]], out_dir: Path, name: str = "degradation.png", title: str = ""
+) -> Path:
     """He et al. 2015 Fig. 6: training (dashed) and test (bold) error against iterations."""
     fig, axes = new_figure(ncols=2, size=(5.0, 3.8))
     depths = sorted({r["depth"] for r in rows})
@@ -121,7 +121,7 @@ def plot_degradation(
 
 
 def run(
-    out_dir,
+    out_dir: Path,
     *,
     quick: bool = False,
     spec: TrainSpec | None = None,

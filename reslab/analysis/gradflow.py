@@ -352,6 +352,75 @@ def run_sweeps(
     }
 
 
+def _named_models(
+    out_dir: Path, models: Sequence[str], *, data: str | None, seed: int, batch_size: int
+) -> tuple[dict[str, Any], list[Path], str]:
+    """Profiles of registered models (at init) and checkpoints: per-model entries, figure, table."""
+    from reslab.analysis.common import format_table
+    from reslab.models import create_model
+
+    built: dict[str, nn.Module] = {}
+    fit_to_data: dict[str, Any] = {}
+    if data is not None:  # registered conv nets get the data's channels and classes
+        from reslab.analysis.common import load_splits
+
+        splits = load_splits(data, seed=seed)
+        fit_to_data = {"in_channels": splits.in_channels, "num_classes": splits.num_classes}
+    for name in models:
+        if Path(name).exists():  # a checkpoint file or a run folder
+            from reslab.train.checkpoint import load_model
+
+            built[name] = load_model(name)
+        else:
+            torch.manual_seed(seed)
+            conv = isinstance(get_config(name), ResNetConfig)
+            built[name] = create_model(name, **(fit_to_data if conv else {}))
+    entries = profile_named_models(built, data=data, batch_size=batch_size, seed=seed)
+    figure = plot_profiles(
+        {k: entries[k] for k in built},
+        out_dir,
+        "gradflow_models.png",
+        "per weight layer (model names: at init; paths: checkpoints)",
+    )
+    columns = ["first_last_ratio", "block_ratio", "loss"]
+    rows = [{"model": k, **{c: entries[k][c] for c in columns}} for k in built]
+    return entries, [figure], format_table(rows, ["model", *columns])
+
+
+def _sweep_entries(sweeps: dict[str, Any]) -> dict[str, Any]:
+    """Every swept network under its own name, so the file has first_last_ratio per model."""
+    entries: dict[str, Any] = {}
+    for r in sweeps["dense"]["rows"]:
+        key = f"dense_{r['family']}{r['depth']}_{r['activation']}_gain{r['gain']:g}"
+        entries[key] = {"first_last_ratio": r["first_last_ratio"], "block_ratio": r["block_ratio"]}
+    for r in sweeps["conv"]["rows"]:
+        key = f"cifar_{r['family']}{r['depth']}" + ("" if r["norm"] else "_nonorm")
+        entries[key] = {"first_last_ratio": r["first_last_ratio"], "block_ratio": r["block_ratio"]}
+    return entries
+
+
+def _sweep_table(sweeps: dict[str, Any]) -> str:
+    from reslab.analysis.common import format_table
+
+    names = [
+        (r, f"dense {r['family']} {r['activation']} g{r['gain']:g}")
+        for r in sweeps["dense"]["rows"]
+    ]
+    names += [
+        (r, f"cifar {r['family']} {'BN' if r['norm'] else 'no-BN'}") for r in sweeps["conv"]["rows"]
+    ]
+    rows = [
+        {
+            "net": net,
+            "L": r["depth"],
+            "first/last dW": r["first_last_ratio"],
+            "dx_1/dx_L": r["block_ratio"],
+        }
+        for r, net in names
+    ]
+    return format_table(rows, ["net", "L", "first/last dW", "dx_1/dx_L"])
+
+
 def run(
     out_dir: Path,
     models: Sequence[str] = (),
@@ -362,96 +431,23 @@ def run(
     batch_size: int = 8,
 ) -> dict[str, Any]:
     """``reslab analyze gradflow``: named models (or checkpoints) if given, else the sweeps."""
-    from pathlib import Path
-
-    from reslab.analysis.common import format_table
-    from reslab.models import create_model
     from reslab.record import run_record, write_json
 
     payload: dict[str, Any] = {
         # every network and batch here is built and measured on the CPU
         "meta": run_record("cpu", experiment="gradflow", quick=quick, data=data, seed=seed)
     }
-    figures = []
     if models:
-        built = {}
-        fit_to_data: dict[str, Any] = {}
-        if data is not None:  # registered conv nets get the data's channels and classes
-            from reslab.analysis.common import load_splits
-
-            splits = load_splits(data, seed=seed)
-            fit_to_data = {"in_channels": splits.in_channels, "num_classes": splits.num_classes}
-        for name in models:
-            if Path(name).exists():  # a checkpoint file or a run folder
-                from reslab.train.checkpoint import load_model
-
-                built[name] = load_model(name)
-            else:
-                torch.manual_seed(seed)
-                conv = isinstance(get_config(name), ResNetConfig)
-                built[name] = create_model(name, **(fit_to_data if conv else {}))
-        payload.update(profile_named_models(built, data=data, batch_size=batch_size, seed=seed))
-        figures.append(
-            plot_profiles(
-                {k: payload[k] for k in built},
-                out_dir,
-                "gradflow_models.png",
-                "per weight layer (model names: at init; paths: checkpoints)",
-            )
+        entries, figures, table = _named_models(
+            out_dir, models, data=data, seed=seed, batch_size=batch_size
         )
-        rows = [
-            {
-                "model": k,
-                "first_last_ratio": payload[k]["first_last_ratio"],
-                "block_ratio": payload[k]["block_ratio"],
-                "loss": payload[k]["loss"],
-            }
-            for k in built
-        ]
-        table = format_table(rows, ["model", "first_last_ratio", "block_ratio", "loss"])
+        payload.update(entries)
     else:
         sweeps = run_sweeps(out_dir, quick=quick, data=data, seed=seed)
         payload["sweeps"] = sweeps
-        # Every swept network under its own name, so the file has first_last_ratio per model.
-        for r in sweeps["dense"]["rows"]:
-            key = f"dense_{r['family']}{r['depth']}_{r['activation']}_gain{r['gain']:g}"
-            payload[key] = {
-                "first_last_ratio": r["first_last_ratio"],
-                "block_ratio": r["block_ratio"],
-            }
-        for r in sweeps["conv"]["rows"]:
-            key = f"cifar_{r['family']}{r['depth']}" + ("" if r["norm"] else "_nonorm")
-            payload[key] = {
-                "first_last_ratio": r["first_last_ratio"],
-                "block_ratio": r["block_ratio"],
-            }
-        figures += [
-            Path(out_dir) / n
-            for n in (
-                "gradflow_dense_depth.png",
-                "gradflow_conv_depth.png",
-                "gradflow_dense_profile.png",
-                "gradflow_conv_profile.png",
-            )
-        ]
-        rows = [
-            {
-                "net": f"dense {r['family']} {r['activation']} g{r['gain']:g}",
-                "L": r["depth"],
-                "first/last dW": r["first_last_ratio"],
-                "dx_1/dx_L": r["block_ratio"],
-            }
-            for r in sweeps["dense"]["rows"]
-        ]
-        rows += [
-            {
-                "net": f"cifar {r['family']} {'BN' if r['norm'] else 'no-BN'}",
-                "L": r["depth"],
-                "first/last dW": r["first_last_ratio"],
-                "dx_1/dx_L": r["block_ratio"],
-            }
-            for r in sweeps["conv"]["rows"]
-        ]
-        table = format_table(rows, ["net", "L", "first/last dW", "dx_1/dx_L"])
+        payload.update(_sweep_entries(sweeps))
+        names = ("dense_depth", "conv_depth", "dense_profile", "conv_profile")
+        figures = [Path(out_dir) / f"gradflow_{n}.png" for n in names]
+        table = _sweep_table(sweeps)
     path = write_json(Path(out_dir) / "gradflow.json", payload)
     return {"json": path, "figures": figures, "table": table, "data": payload}

@@ -28,8 +28,9 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     module whose class is named ``*Block`` or ``Bottleneck``.
     """
     names = {m: n for n, m in model.named_modules()}
-    if hasattr(model, "units"):
-        return [(names[u], u) for u in model.units()]
+    units = getattr(model, "units", None)
+    if callable(units):
+        return [(names[u], u) for u in units()]
     layers = getattr(model, "layers", None)
     if isinstance(layers, nn.ModuleList):
         return [(names[m], m) for m in layers]

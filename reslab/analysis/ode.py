@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from reslab._progress import progress_bar
 from reslab.analysis.common import new_figure, sample_batch, save_figure
 from reslab.analysis.gradflow import dense_model, gradient_profile
-from reslab.models import DenseConfig, build_model
+from reslab.models import DenseConfig, DenseResNet
 from reslab.models.dense import ACTIVATIONS
 
 __all__ = [
@@ -59,9 +59,9 @@ def euler_net(
     cfg = DenseConfig.uniform(
         width, width, depth, num_classes=0, activation=activation, tau=T / depth
     )
-    model = build_model(cfg).double()
+    model = DenseResNet(cfg).double()
     with torch.no_grad():
-        for i, layer in enumerate(model.layers):
+        for i, layer in enumerate(model.dense_layers()):
             W, b = weights(i * T / depth)
             layer.linear.weight.copy_(W)
             layer.linear.bias.copy_(b)
@@ -204,7 +204,7 @@ def learnable_vs_fixed_tau(
             tau=tau,
             tau_mode=mode,
         )
-        model = build_model(cfg)
+        model = DenseResNet(cfg)
         tcfg = TrainConfig.preset("digits", iters=iters, seed=seed)
         t0 = time.perf_counter()
         result = fit(model, splits, tcfg, None)
@@ -212,7 +212,10 @@ def learnable_vs_fixed_tau(
             "test_accuracy": result.summary.get("test_accuracy"),
             "val_accuracy": result.summary.get("val_accuracy"),
             "T": tau * depth if mode == "fixed" else None,
-            "taus": [float(layer.tau.detach()) for layer in result.model.layers],
+            "taus": [
+                float(layer.tau.detach())
+                for layer in cast(DenseResNet, result.model).dense_layers()
+            ],
             "seconds": round(time.perf_counter() - t0, 1),
             "history": result.history,
         }
@@ -224,7 +227,7 @@ def learnable_vs_fixed_tau(
 # ------------------------------------------------------------------------------------------------
 
 
-def plot_euler(rows: Sequence[dict[str, Any]], out_dir, name: str = "ode_euler.png"):
+def plot_euler(rows: Sequence[dict[str, Any]], out_dir: Path, name: str = "ode_euler.png") -> Path:
     fig, axes = new_figure(size=(5.2, 3.6))
     ax = axes[0][0]
     L = [r["depth"] for r in rows]
@@ -240,7 +243,9 @@ def plot_euler(rows: Sequence[dict[str, Any]], out_dir, name: str = "ode_euler.p
     return save_figure(fig, out_dir, name)
 
 
-def plot_tau_gradients(rows: Sequence[dict[str, Any]], out_dir, name: str = "ode_tau_grad.png"):
+def plot_tau_gradients(
+    rows: Sequence[dict[str, Any]], out_dir: Path, name: str = "ode_tau_grad.png"
+) -> Path:
     fig, axes = new_figure(size=(5.2, 3.6))
     ax = axes[0][0]
     for act in sorted({r["activation"] for r in rows}):
@@ -259,7 +264,9 @@ def plot_tau_gradients(rows: Sequence[dict[str, Any]], out_dir, name: str = "ode
     return save_figure(fig, out_dir, name)
 
 
-def plot_learned_tau(result: dict[str, Any], out_dir, name: str = "ode_tau_learned.png"):
+def plot_learned_tau(
+    result: dict[str, Any], out_dir: Path, name: str = "ode_tau_learned.png"
+) -> Path:
     fig, axes = new_figure(size=(5.2, 3.6))
     ax = axes[0][0]
     for mode in ("fixed", "learnable", "fixed_matched_T"):
@@ -278,7 +285,7 @@ def plot_learned_tau(result: dict[str, Any], out_dir, name: str = "ode_tau_learn
 
 
 def run(
-    out_dir,
+    out_dir: Path,
     *,
     quick: bool = False,
     data: str | None = None,

@@ -7,7 +7,7 @@ shortcut path.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ def ordering_runs(
     depth: int = 20,
     orderings: Sequence[str] = tuple(ORDERINGS),
     seed: int = 0,
-    log=write_line,
+    log: Callable[[str], None] = write_line,
 ) -> list[dict[str, Any]]:
     rows = []
     for ordering in progress_bar(orderings, desc="orderings", unit="net"):
@@ -73,8 +73,8 @@ def ordering_runs(
 
 
 def plot_orderings(
-    rows: Sequence[dict[str, Any]], out_dir, name: str = "orderings.png", title: str = ""
-):
+    rows: Sequence[dict[str, Any]], out_dir: Path, name: str = "orderings.png", title: str = ""
+) -> Path:
     fig, axes = new_figure(ncols=2, size=(5.0, 3.6))
     ax = axes[0][0]
     for r in rows:
@@ -100,7 +100,7 @@ def plot_orderings(
 
 
 def run(
-    out_dir,
+    out_dir: Path,
     *,
     quick: bool = False,
     spec: TrainSpec | None = None,

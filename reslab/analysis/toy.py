@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from reslab.analysis.common import new_figure, save_figure
-from reslab.models import DenseConfig, build_model
+from reslab.models import DenseConfig, DenseResNet
 from reslab.models.dense import ACTIVATIONS, seed_example
 
 __all__ = ["chain_gradients", "formula_gradients", "seed_toy"]
@@ -64,17 +64,17 @@ def formula_gradients(
     }
 
 
-def _set_chain(model: torch.nn.Module, weights: Sequence[float]) -> None:
+def _set_chain(model: DenseResNet, weights: Sequence[float]) -> None:
     with torch.no_grad():
-        for layer, w in zip(model.layers, weights, strict=True):
+        for layer, w in zip(model.dense_layers(), weights, strict=True):
             layer.linear.weight.fill_(w)
 
 
-def autograd_gradients(model: torch.nn.Module, y0: float, target: float = 0.0) -> list[float]:
+def autograd_gradients(model: DenseResNet, y0: float, target: float = 0.0) -> list[float]:
     model = model.double()
     y = model(torch.tensor([[y0]], dtype=torch.float64))
     loss = 0.5 * (y.squeeze() - target) ** 2
-    grads = torch.autograd.grad(loss, [layer.linear.weight for layer in model.layers])
+    grads = torch.autograd.grad(loss, [layer.linear.weight for layer in model.dense_layers()])
     return [float(g.squeeze()) for g in grads]
 
 
@@ -123,7 +123,7 @@ def chain_gradients(
                 residual=residual,
                 bias=False,
             )
-            model = build_model(cfg).double()
+            model = DenseResNet(cfg).double()
             _set_chain(model, [weight] * L)
             auto = autograd_gradients(model, y0, target=0.0)
             form = formula_gradients([weight] * L, y0, activation=activation, residual=residual)
@@ -134,7 +134,7 @@ def chain_gradients(
     return rows
 
 
-def plot_chain(rows: Sequence[dict[str, Any]], out_dir, name: str = "toy_chain.png"):
+def plot_chain(rows: Sequence[dict[str, Any]], out_dir: Path, name: str = "toy_chain.png") -> Path:
     fig, axes = new_figure(size=(5.2, 3.6))
     ax = axes[0][0]
     depths = [r["depth"] for r in rows]
@@ -149,7 +149,7 @@ def plot_chain(rows: Sequence[dict[str, Any]], out_dir, name: str = "toy_chain.p
     return save_figure(fig, out_dir, name)
 
 
-def run(out_dir, *, quick: bool = False, activation: str = "sigmoid") -> dict[str, Any]:
+def run(out_dir: Path, *, quick: bool = False, activation: str = "sigmoid") -> dict[str, Any]:
     """The toy experiment: JSON, one figure, and a table of autograd vs formula."""
     from reslab.analysis.common import format_table
     from reslab.record import run_record, write_json

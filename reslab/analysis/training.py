@@ -83,6 +83,7 @@ class TrainedNet:
     history: list[dict[str, Any]]
     summary: dict[str, Any]
     seconds: float
+    losses: list[float] = field(default_factory=list)  # training loss of every optimiser step
 
 
 def train_net(name: str, model: nn.Module, splits: Any, cfg: Any, *, seed: int = 0) -> TrainedNet:
@@ -93,7 +94,7 @@ def train_net(name: str, model: nn.Module, splits: Any, cfg: Any, *, seed: int =
     t0 = time.perf_counter()
     result = fit(model, splits, cfg, None, verbose=False)
     seconds = time.perf_counter() - t0
-    return TrainedNet(name, result.model, result.history, result.summary, seconds)
+    return TrainedNet(name, result.model, result.history, result.summary, seconds, result.losses)
 
 
 def train_twin(family: str, depth: int, splits: Any, cfg: Any, *, seed: int = 0) -> TrainedNet:

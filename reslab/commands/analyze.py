@@ -1,4 +1,4 @@
-"""``reslab analyze {gradflow,degradation,responses,lesion,ode,orderings,toy} ... --out DIR``.
+"""``reslab analyze EXPERIMENT ... --out DIR`` for each experiment of ``reslab.analysis``.
 
 Each experiment writes ``DIR/<experiment>.json`` (every number, with config, git revision and
 versions) and PNG figures, then prints a short table. ``--quick`` is a CPU budget of <= 5 min.
@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from reslab.analysis import EXPERIMENTS
+from reslab.analysis.shortcuts import VARIANTS as SHORTCUT_VARIANTS
 from reslab.analysis.training import TrainSpec
 from reslab.commands.options import (
     add_trainer_options,
@@ -24,7 +25,7 @@ from reslab.commands.options import (
 )
 
 #: Experiments that train networks with the library trainer (they share --recipe etc.).
-TRAINING = ("degradation", "responses", "lesion", "orderings")
+TRAINING = ("degradation", "responses", "lesion", "orderings", "shortcuts")
 
 HELP = {
     "gradflow": "gradient norms per unit / weight layer; depth sweeps (no MODEL: the sweeps)",
@@ -33,12 +34,16 @@ HELP = {
     "lesion": "delete single units at test time, ResNet vs plain twin (Veit et al. 2016)",
     "ode": "tau = T/L as forward Euler; tau vs gradient norms; learnable vs fixed tau",
     "orderings": "the five unit orderings of He et al. 2016 Table 2 with one recipe",
+    "shortcuts": "scaled, gated, 1x1-conv and dropout shortcuts vs the identity (He et al. 2016 "
+    "Table 1, Fig. 3) with one recipe: training loss curves",
     "toy": "the one-node, three-layer example of Herberg's lecture notes (2023): autograd vs "
     "the product formula",
 }
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    """The command's flags: a table of argparse calls, over 60 lines because each flag is a
+    few lines of help; split up, the command's interface would be scattered."""
     p = sub.add_parser("analyze", help="experiments on why residual learning works (JSON + PNG)")
     exp = p.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
     for name in EXPERIMENTS:
@@ -62,7 +67,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                 "gradflow: gaussian inputs)",
             )
             e.add_argument("--seed", type=seed, default=0)
-        if name in ("degradation", "responses", "lesion", "ode", "orderings"):
+        if name in ("degradation", "responses", "lesion", "ode", "orderings", "shortcuts"):
             e.add_argument(
                 "--iters", type=positive_int, default=None, help="optimiser steps per network"
             )
@@ -72,8 +77,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             )
         if name in ("degradation", "responses"):
             e.add_argument("--depths", type=positive_int, nargs="+", default=None)
-        if name in ("lesion", "orderings"):
+        if name in ("lesion", "orderings", "shortcuts"):
             e.add_argument("--depth", type=positive_int, default=None)
+        if name == "shortcuts":
+            e.add_argument(
+                "--variants",
+                nargs="+",
+                choices=tuple(SHORTCUT_VARIANTS),
+                default=None,
+                metavar="VARIANT",
+                help="rows of Table 1 to train (default: all, in the paper's order): "
+                + ", ".join(SHORTCUT_VARIANTS),
+            )
+            e.add_argument(
+                "--paper",
+                action="store_true",
+                help="the paper's setting: ResNet-110, 64k iterations of the paper recipe on "
+                "CIFAR-10 per variant (a GPU's work; not resumable: one variant per command)",
+            )
         if name in TRAINING:
             e.add_argument(
                 "--train-fraction",
@@ -121,6 +142,8 @@ def run_analyze(args: argparse.Namespace) -> int:
             test_size=getattr(args, "test_size", None),
             overrides=overrides,
         )
+        if args.experiment == "shortcuts":
+            kw.update(variants=args.variants, paper=args.paper)
     elif args.experiment == "gradflow":
         kw.update(models=args.models, batch_size=args.batch_size, data=args.data, seed=args.seed)
     elif args.experiment == "ode":

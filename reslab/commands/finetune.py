@@ -10,13 +10,18 @@ from pathlib import Path
 from typing import Any
 
 from reslab.commands.options import (
+    add_data_options,
     add_run_folder_options,
     add_trainer_options,
+    claim_run_folder,
     class_names,
+    data_options,
+    data_spec,
     fraction,
     nonnegative_float,
     nonnegative_int,
     positive_int,
+    refuse_data_flags_on_resume,
     resume_config,
     train_config,
 )
@@ -42,6 +47,8 @@ _RUN_OPTIONS = {
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """The command's flags: a table of argparse calls, over 60 lines because each flag is a
+    few lines of help; split up, the command's interface would be scattered."""
     p = subparsers.add_parser(
         "finetune",
         help="fine-tune pretrained weights on a data set",
@@ -105,17 +112,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     add_run_folder_options(p, default_out="runs/finetune-DATA-TIME")
     add_trainer_options(p, command="finetune")
+    add_data_options(p)
     p.set_defaults(func=run_finetune)
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    import torch
-
-    from reslab.data import load_data
-    from reslab.transfer.finetune import FinetuneOptions, finetune
+    from reslab.transfer.finetune import FinetuneOptions
 
     if args.resume is not None:
-        return _resume(args)
+        with claim_run_folder(args.resume, resume=True):  # before the data is read
+            return _resume(args)
     required = [flag for flag, value in (("--from", args.source), ("--data", args.data))
                 if value is None]  # fmt: skip
     if required:
@@ -127,37 +133,51 @@ def run_finetune(args: argparse.Namespace) -> int:
         pretrained_lr_scale=0.1 if args.pretrained_lr_scale is None else args.pretrained_lr_scale,
         sha256=args.sha256,
     )
-    train_fraction = 1.0 if args.train_fraction is None else args.train_fraction
     cfg = train_config(args, command="finetune", data=args.data)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = args.out or Path("runs") / f"finetune-{Path(args.data).stem}-{stamp}"
     _refuse_a_used_folder(out)
+    with claim_run_folder(out, resume=False, allow_nonempty=args.allow_nonempty):
+        return _finetune_into(out, args, cfg, options)
+
+
+def _finetune_into(out: Path, args: argparse.Namespace, cfg: Any, options: Any) -> int:
+    import torch
+
+    from reslab.commands.datasets import say_data
+    from reslab.data.reading import open_data
+    from reslab.transfer.finetune import finetune, source_input
+
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    train_fraction = 1.0 if args.train_fraction is None else args.train_fraction
     classes = args.classes  # a list of distinct names, or None
-    splits = load_data(
-        args.data,
-        seed=cfg.seed,
-        classes=classes,
-        train_fraction=train_fraction,
-        val_size=args.val_size,
-    )
-    if args.in_channels is not None and args.in_channels != splits.in_channels:
-        raise ValueError(
-            f"--in-channels {args.in_channels} does not match the data, which has "
-            f"{splits.in_channels} channel(s); the first layer is adapted to the data's channels"
-        )
     source = Path(args.source)
     if source.is_dir():
         from reslab.train.checkpoint import find_checkpoint
 
         source = find_checkpoint(source)
+    opts = data_options(args)
+    # streamed photos are read at the source network's input size, with its evaluation view
+    data = open_data(
+        args.data, seed=cfg.seed, classes=classes, train_fraction=train_fraction,
+        val_size=args.val_size, default_cfg=source_input(source, args.model), verbose=True,
+        **opts,
+    )  # fmt: skip
+    say_data(data)
+    if args.in_channels is not None and args.in_channels != data.in_channels:
+        raise ValueError(
+            f"--in-channels {args.in_channels} does not match the data, which has "
+            f"{data.in_channels} channel(s); the first layer is adapted to the data's channels"
+        )
     # What `reslab eval RUN_DIR` and `reslab finetune --resume` need to find the data again.
+    opts["loader"] = data.loader.kind
     info = {"model_name": args.model, "data_spec": args.data, "val_size": args.val_size,
-            "classes": classes, "train_fraction": train_fraction}  # fmt: skip
+            "classes": classes, "train_fraction": train_fraction, "data_seed": cfg.seed,
+            "data_options": opts}  # fmt: skip
     return _train(
-        lambda: finetune(source, splits, cfg, out, options=options, model=args.model,
-                         run_info=info),
+        lambda: finetune(source, data, cfg, out, options=options, model=args.model,
+                         run_info=info, allow_nonempty=args.allow_nonempty),
         out,
     )  # fmt: skip
 
@@ -191,7 +211,7 @@ def _train(run: Callable[[], Any], out: Path) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from reslab.data import load_data
+    from reslab.commands.datasets import reopen_data, say_data
     from reslab.train.checkpoint import LATEST, load_checkpoint
     from reslab.transfer.finetune import resume_finetune
 
@@ -203,30 +223,27 @@ def _resume(args: argparse.Namespace) -> int:
             f"options in {run_dir / 'config.json'} (trainer flags such as --iters, --epochs, "
             "--threads or --device, and --data for moved data, can)"
         )
+    refuse_data_flags_on_resume(args, run_dir)
     saved, cfg = resume_config(args, run_dir)
     if "finetune" not in saved:
         raise ValueError(
             f"{run_dir} is not a fine-tuning run: continue it with `reslab train --resume "
             f"{run_dir}`"
         )
-    spec = args.data or saved["data_spec"]
+    spec = args.data or data_spec(saved, run_dir)
+    ckpt = load_checkpoint(run_dir / LATEST)
     # the run's own split: its seed (not a new --seed), classes, train fraction and val size
-    splits = load_data(
-        spec,
-        seed=saved["train_config"]["seed"],
-        classes=saved.get("classes"),
-        train_fraction=saved.get("train_fraction", 1.0),
-        val_size=saved.get("val_size"),
-    )
+    saved.setdefault("data_seed", saved["train_config"]["seed"])
+    data = reopen_data(spec, saved, ckpt.get("input_config"), workers=args.workers)
+    say_data(data)
     was = saved["data"]
-    if splits.classes != was["classes"] or len(splits.train) != was["train"]:
+    if data.classes != was["classes"] or data.split_size("train") != was["train"]:
         raise ValueError(
             f"{spec} is not the data {run_dir} was trained on ({was['train']} training images "
-            f"of classes {was['classes']}; now {len(splits.train)} of {splits.classes})"
+            f"of classes {was['classes']}; now {data.split_size('train')} of {data.classes})"
         )
-    step = load_checkpoint(run_dir / LATEST)["step"]
     # config.json is rewritten: it must name the data this process reads (a moved file)
-    info = {**{k: saved.get(k) for k in ("model_name", "val_size", "classes", "train_fraction")},
-            "data_spec": spec}  # fmt: skip
-    print(f"resume {run_dir} at step {step}", flush=True)
-    return _train(lambda: resume_finetune(run_dir, splits, cfg, run_info=info), run_dir)
+    keep = ("model_name", "val_size", "classes", "train_fraction", "data_seed", "data_options")
+    info = {**{k: saved.get(k) for k in keep}, "data_spec": spec}
+    print(f"resume {run_dir} at step {ckpt['step']}", flush=True)
+    return _train(lambda: resume_finetune(run_dir, data, cfg, run_info=info), run_dir)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Normalize", "random_crop_flip"]
+__all__ = ["Normalize", "crop_flip", "random_crop_flip"]
 
 
 def random_crop_flip(
@@ -26,16 +26,23 @@ def random_crop_flip(
     (a CPU generator, so a run's augmentation does not depend on the device) and are moved over.
     Padding with zeros on uint8 images pads black, as torchvision's ``RandomCrop(32, padding=4)``.
     """
-    n, c, h, w = images.shape
+    n = len(images)
     if padding == 0 and not flip:
         return images
-    dy = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator)
-    dx = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator)
-    mirror = (
-        torch.rand(n, 1, generator=generator) < 0.5 if flip else torch.zeros(n, 1, dtype=torch.bool)
-    )
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    mirror = torch.rand(n, generator=generator) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
+    return crop_flip(images, dy, dx, mirror, padding=padding)
+
+
+def crop_flip(images: Tensor, dy: Tensor, dx: Tensor, mirror: Tensor, *, padding: int) -> Tensor:
+    """The crops of :func:`random_crop_flip` at given offsets: image ``i`` zero-padded by
+    ``padding``, cropped at row ``dy[i]``, column ``dx[i]`` (each in [0, 2 * padding]) to its
+    original size, mirrored where ``mirror[i]``; one gather for the whole batch."""
+    n, c, h, w = images.shape
     dev = images.device
-    dy, dx, mirror = dy.to(dev, non_blocking=True), dx.to(dev, non_blocking=True), mirror.to(dev)
+    dy, dx = dy.view(n, 1).to(dev, non_blocking=True), dx.view(n, 1).to(dev, non_blocking=True)
+    mirror = mirror.view(n, 1).to(dev)
     hp, wp = h + 2 * padding, w + 2 * padding
     rows = dy + torch.arange(h, device=dev)  # (N, H): source row of each output row
     ar = torch.arange(w, device=dev)

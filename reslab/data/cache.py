@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reslab._io import atomic_path
+from reslab._io import clean_stale_temp, save_torch
 from reslab.data.lists import read_list
 from reslab.data.sources import RawData
 
@@ -93,19 +93,6 @@ def _crc(arrays: list[np.ndarray]) -> int:
     return crc
 
 
-def clean_stale_temp(folder: Path) -> None:
-    """Remove ``.NAME.PID.tmp`` files (reslab._io.atomic_path) whose writer no longer runs."""
-    with contextlib.suppress(OSError):
-        for f in folder.glob(".*.tmp"):
-            try:
-                pid = int(f.name.rsplit(".", 2)[-2])
-                os.kill(pid, 0)  # raises if no such process
-            except ProcessLookupError:
-                f.unlink(missing_ok=True)
-            except (ValueError, PermissionError, OSError):
-                continue
-
-
 def warn_cache(msg: str) -> None:
     """A cache problem: worth a warning, never an error."""
     warnings.warn(msg, stacklevel=3)
@@ -147,10 +134,8 @@ def save_cached(raw: RawData, file: Path) -> None:
     d["classes"] = raw.classes
     d["skipped"] = [list(s) for s in raw.skipped]
     d["notes"] = list(raw.notes)
-    try:
-        clean_stale_temp(file.parent)
-        with atomic_path(file) as tmp:
-            torch.save(d, tmp)
+    try:  # a full disk, a read-only folder: a WriteError (an OSError) naming the file
+        save_torch(d, file)
     except OSError as exc:
         warn_cache(
             f"cannot write the data cache {file} ({exc.strerror or exc}); continuing without"

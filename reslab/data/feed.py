@@ -1,22 +1,23 @@
-"""Two ways to feed a network behind one interface, and the choice between them.
+"""Two ways to feed a network behind one interface, :class:`TrainingBatches`, and the choice
+between them.
 
-Both :class:`InMemoryBatches` and :class:`~reslab.data.stream.StreamingBatches` are *training
-batches*: ``len()`` batches per epoch; iterating yields the rest of the current epoch as
-``(uint8 images (N, C, H, W), int64 labels)`` on the device, augmented, not yet normalised;
-``state_dict()``/``load_state_dict()``/``seek(step)`` hold the position; ``set_epoch(e)``.
+:class:`InMemoryBatches` (uint8 tensors held in memory, augmented on the device) and
+:class:`~reslab.data.stream.StreamingBatches` (decoded and augmented in DataLoader workers) are
+the two implementations; :func:`reslab.train.fit` takes either through
+:class:`~reslab.data.training.TrainingData`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from reslab.data.augment import random_crop_flip
+from reslab.data.augment import crop_flip
 from reslab.data.index import SourceIndex, SplitIndex, carve
 from reslab.data.memory import memory_budget
 from reslab.data.stream import BatchPosition, ResumableSampler, rank_and_world, sample_seed
@@ -27,6 +28,9 @@ __all__ = [
     "LoaderChoice",
     "TrainingBatches",
     "choose_loader",
+    "endless",
+    "pad_crop_flip",
+    "rank_batch_size",
     "streaming_splits",
 ]
 
@@ -36,15 +40,58 @@ LOADERS = ("auto", "memory", "stream")
 MEMORY_MAX_SIDE = 96
 
 
+@runtime_checkable
 class TrainingBatches(Protocol):
-    """What a training loop iterates: see the module docstring."""
+    """The training images of one run, batch by batch, resumable at any step.
+
+    The contract that exact resume and DDP rest on:
+
+    - ``len()`` is the number of optimiser steps of one epoch, the same on every rank.
+    - Iterating yields the rest of the current epoch from the position: this rank's share of each
+      global batch as uint8 images (N, C, H, W) and int64 labels (N,) on the training device,
+      augmented but not normalised (normalisation belongs to the model's ``input_norm``). The
+      ranks' shares are disjoint, equal in size and together the global batch (a streamed batch
+      may be short by the images ``skip_bad`` left out). Each yielded batch advances the
+      position; after a full pass it is batch 0 of the next epoch.
+    - Batches are a function of the run seed and the position only (epoch order seeded from
+      (seed, epoch), each sample's augmentation from (seed, epoch, sample)): the same position
+      gives the same batches bit for bit, whatever the number of ranks or DataLoader workers.
+    - ``state_dict()`` is the position as plain data that ``torch.load(..., weights_only=True)``
+      reads; ``load_state_dict()`` puts it back (refusing a position of other data, seed or
+      number of ranks); ``seek(step)`` goes to global step ``step``.
+    """
 
     def __len__(self) -> int: ...
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]: ...
-    def set_epoch(self, epoch: int) -> None: ...
     def seek(self, step: int) -> None: ...
-    def state_dict(self) -> dict[str, int]: ...
-    def load_state_dict(self, state: dict[str, int]) -> None: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def endless(batches: TrainingBatches) -> Iterator[tuple[Tensor, Tensor]]:
+    """The batches from the current position on, epoch after epoch."""
+    if len(batches) < 1:
+        raise ValueError("training batches with no batch per epoch")
+    while True:
+        yield from batches
+
+
+def rank_batch_size(num_samples: int, batch_size: int, world_size: int) -> int:
+    """One rank's share of a global batch of ``batch_size`` images; a training split smaller
+    than one batch trains on all its images each step. Refuses shares that cannot be equal,
+    which would weight the ranks' images unequally in DDP's mean gradient."""
+    if num_samples < 1:
+        raise ValueError("the training split is empty")
+    if batch_size % world_size:
+        raise ValueError(f"batch_size {batch_size} is not divisible by {world_size} ranks")
+    size = min(batch_size, num_samples)
+    if size % world_size:
+        raise ValueError(
+            f"{num_samples} training images, fewer than one batch of {batch_size}, cannot be "
+            f"split evenly over {world_size} ranks: use a multiple of {world_size} images or "
+            "fewer ranks"
+        )
+    return size // world_size
 
 
 @dataclass(frozen=True)
@@ -117,13 +164,22 @@ def streaming_splits(
     return splits, notes
 
 
-def pad_crop_flip(
-    padding: int = 4, flip: bool = True
-) -> Callable[[Tensor, torch.Generator], Tensor]:
-    """He et al. 2015, §4.2's augmentation of a whole uint8 batch on its device."""
+Augment = Callable[[Tensor, list[int]], Tensor]
 
-    def augment(images: Tensor, generator: torch.Generator) -> Tensor:
-        return random_crop_flip(images, padding=padding, flip=flip, generator=generator)
+
+def pad_crop_flip(padding: int = 4, flip: bool = True) -> Augment:
+    """He et al. 2015, §4.2's augmentation of a whole uint8 batch on its device: zero padding,
+    a random crop of the original size and a mirror with probability 1/2, each sample's offsets
+    and mirror taken from its own seed (so they do not depend on which batch or rank it is in).
+    """
+    side = 2 * padding + 1
+
+    def augment(images: Tensor, seeds: list[int]) -> Tensor:
+        # three draws from one 63-bit hash per sample: the offsets' bias is below 2**-50
+        s = torch.tensor(seeds, dtype=torch.int64)
+        dy, dx = s % side, (s // side) % side
+        mirror = (s >> 40) & 1 == 1 if flip else torch.zeros(len(s), dtype=torch.bool)
+        return crop_flip(images, dy, dx, mirror, padding=padding)
 
     return augment
 
@@ -131,9 +187,11 @@ def pad_crop_flip(
 class InMemoryBatches(BatchPosition):
     """Training batches from uint8 tensors held in memory (on ``device`` once, up front).
 
-    Epoch order as the streaming path's (:class:`ResumableSampler`, disjoint parts under DDP);
-    ``augment(images, generator)`` runs on the device per batch, its generator seeded from
-    ``(seed, epoch, batch)``, so a resumed run sees the same batches.
+    ``batch_size`` is per rank. Epoch order as the streaming path's (:class:`ResumableSampler`:
+    a permutation seeded from (seed, epoch), each rank a strided share of every global batch);
+    ``augment(images, seeds)`` runs on the device per batch with each sample's seed from
+    ``(seed, epoch, sample)`` (:func:`pad_crop_flip`), so a resumed run, and every number of
+    ranks, sees the same images.
     """
 
     def __init__(
@@ -146,7 +204,7 @@ class InMemoryBatches(BatchPosition):
         shuffle: bool = True,
         drop_last: bool = True,
         device: torch.device | str | None = None,
-        augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
+        augment: Augment | None = None,
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
@@ -169,16 +227,42 @@ class InMemoryBatches(BatchPosition):
             world_size=world_size,
         )
 
+    @classmethod
+    def training(
+        cls,
+        images: Tensor,
+        labels: Tensor,
+        batch_size: int,
+        *,
+        seed: int,
+        device: torch.device | str | None = None,
+        pad: int = 4,
+        flip: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> InMemoryBatches:
+        """The trainer's batches of a training split: this rank's share of global batches of
+        ``batch_size`` (:func:`rank_batch_size`), padded, cropped and mirrored
+        (:func:`pad_crop_flip`; ``pad=0, flip=False``: as they are)."""
+        return cls(
+            images,
+            labels,
+            batch_size=rank_batch_size(len(labels), batch_size, world_size),
+            seed=seed,
+            device=device,
+            augment=pad_crop_flip(pad, flip) if pad or flip else None,
+            rank=rank,
+            world_size=world_size,
+        )
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         for batch in self.sampler:
             epoch = self.sampler.epoch
-            idx = torch.tensor([i for _, i in batch], device=self.device)
+            picks = [i for _, i in batch]
+            idx = torch.tensor(picks, device=self.device)
             x, y = self.images[idx], self.labels[idx]
             if self.augment is not None:
-                g = torch.Generator().manual_seed(
-                    sample_seed(self.sampler.seed, epoch, -1 - self.sampler.batch)
-                )
-                x = self.augment(x, g)
+                x = self.augment(x, [sample_seed(self.sampler.seed, epoch, i) for i in picks])
             self.sampler.batch += 1
             yield x, y
         self.sampler.set_epoch(self.sampler.epoch + 1)

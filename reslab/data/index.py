@@ -16,6 +16,7 @@ import dataclasses
 import gzip
 import json
 import os
+import signal
 import warnings
 import zlib
 from collections.abc import Sequence
@@ -24,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from reslab.data.cache import cache_path, clean_stale_temp, default_cache_dir, warn_cache
+from reslab.data.cache import cache_path, default_cache_dir, warn_cache
 from reslab.data.images import DEFAULT_LIMITS, BadImageError, Limits, probe
 from reslab.data.lists import SPLITS, list_layout, list_tree, tree_layout
-from reslab.data.store import FileStore
+from reslab.data.store import FileStore, check_source
 
 __all__ = [
     "HOLDOUT_FRACTION",
@@ -184,6 +185,12 @@ def carve(
 
 
 # -- probing ------------------------------------------------------------------------------------
+def quiet_worker() -> None:  # pragma: no cover - runs in the pool's processes
+    """Ctrl-C signals the whole process group: the main process stops the pool and says so in
+    one line; a worker's own KeyboardInterrupt would only print one traceback per worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _probe_chunk(
     store: FileStore, names: list[str], limits: Limits
 ) -> list[tuple[int, int, int, str | None]]:
@@ -212,7 +219,7 @@ def _probe_all(
     results: list[tuple[int, int, int, str | None]] = []
     try:
         if workers > 1 and len(names) >= PARALLEL_FROM:
-            with cf.ProcessPoolExecutor(workers) as pool:
+            with cf.ProcessPoolExecutor(workers, initializer=quiet_worker) as pool:
                 for part in pool.map(
                     _probe_chunk, [store] * len(chunks), chunks, [limits] * len(chunks)
                 ):
@@ -227,6 +234,35 @@ def _probe_all(
     return results
 
 
+def _class_names(layout: dict[str, dict[str, list[str]]], root: Path) -> list[str]:
+    """train/'s classes, sorted (numerically where all are numbers: 2 before 10); val/ and
+    test/ may hold no class that train/ lacks."""
+    classes = sorted(layout["train"])
+    if all(c.isdigit() for c in classes):
+        classes.sort(key=int)
+    for s in ("val", "test"):
+        unknown = sorted(set(layout[s]) - set(classes))
+        if unknown:
+            raise ValueError(f"{root}: {s} classes {unknown} have no train/ folder or rows")
+    return classes
+
+
+def _fill_missing_splits(splits: dict[str, SplitIndex]) -> list[str]:
+    """A missing test/ is held out of train/ (stratified, stated seed and size); a missing val/
+    is left to the loader. Returns the notes that say so."""
+    notes = []
+    if "test" not in splits:
+        rest, held = carve(splits["train"], fraction=HOLDOUT_FRACTION, seed=HOLDOUT_SEED)
+        splits["train"], splits["test"] = rest, held
+        notes.append(
+            f"test: no test/ split in the source: {len(held)} images ({HOLDOUT_FRACTION:.0%} of "
+            f"each train/ class, seed {HOLDOUT_SEED}) held out of train/"
+        )
+    if "val" not in splits:
+        notes.append("val: no val/ split in the source: taken from train/ by the loader")
+    return notes
+
+
 def _build(
     store: FileStore,
     layout: dict[str, dict[str, list[str]]],
@@ -237,13 +273,7 @@ def _build(
     workers: int,
     progress: bool,
 ) -> SourceIndex:
-    classes = sorted(layout["train"])
-    if all(c.isdigit() for c in classes):  # numeric labels sort as numbers: 2 before 10
-        classes.sort(key=int)
-    for s in ("val", "test"):
-        unknown = sorted(set(layout[s]) - set(classes))
-        if unknown:
-            raise ValueError(f"{root}: {s} classes {unknown} have no train/ folder or rows")
+    classes = _class_names(layout, root)
     names, labels, owner = [], [], []
     for s in SPLITS:
         for label, c in enumerate(classes):
@@ -273,16 +303,7 @@ def _build(
             )
     if not len(splits["train"]):
         raise ValueError(f"{root}: no usable training images ({len(bad)} skipped as unreadable)")
-    notes = []
-    if "test" not in splits:
-        rest, held = carve(splits["train"], fraction=HOLDOUT_FRACTION, seed=HOLDOUT_SEED)
-        splits["train"], splits["test"] = rest, held
-        notes.append(
-            f"test: no test/ split in the source: {len(held)} images ({HOLDOUT_FRACTION:.0%} of "
-            f"each train/ class, seed {HOLDOUT_SEED}) held out of train/"
-        )
-    if "val" not in splits:
-        notes.append("val: no val/ split in the source: taken from train/ by the loader")
+    notes = _fill_missing_splits(splits)
     skipped = [(store.where(n), str(r)) for n, r in bad]
     if skipped:
         warnings.warn(
@@ -319,7 +340,6 @@ def _save_index(index: SourceIndex, path: Path, cache_dir: Path, key: str) -> No
     file = cache_path(path, cache_dir, kind="index", extra=key)
     blob = gzip.compress(json.dumps({"crc32": zlib.crc32(body), "index": d}).encode(), 5)
     try:
-        clean_stale_temp(cache_dir)
         with atomic_path(file) as tmp:
             tmp.write_bytes(blob)
     except OSError as exc:
@@ -350,9 +370,7 @@ def index_source(
     left out and listed in ``SourceIndex.skipped`` (with a warning). ``workers`` processes read
     the headers (default: the CPU count).
     """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"data not found: {path}")
+    path = check_source(Path(path).expanduser())  # missing, a pipe, a device: named
     kind = _kind(path)
     if kind == "shards":
         from reslab.data.shards import read_shard_index

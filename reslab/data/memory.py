@@ -17,7 +17,7 @@ from torch import Tensor
 
 from reslab.data.images import DEFAULT_LIMITS, BadImageError, Limits, decode
 from reslab.data.index import SourceIndex, SplitIndex, index_source
-from reslab.data.presets import InputConfig
+from reslab.data.presets import ClassificationPresetEval, InputConfig
 from reslab.data.sources import RawData
 
 __all__ = ["decode_split", "memory_budget", "read_image_folder"]
@@ -69,6 +69,16 @@ def _check_fits(index: SourceIndex, channels: int, size: int | None, budget: int
         )
 
 
+def _resize_and_crop(channels: int, size: int) -> ClassificationPresetEval:
+    """The evaluation view of :class:`InputConfig` (shorter side to ``size``, centre crop) on
+    uint8 images (the transform holds no normalisation: that happens on the training device)."""
+    cfg = InputConfig(
+        channels=channels, size=(size, size), resize=size, mean=(0.5,) * channels,
+        std=(1.0,) * channels,
+    )  # fmt: skip
+    return cfg.eval_transform()
+
+
 def decode_split(
     index: SourceIndex,
     split: SplitIndex,
@@ -86,16 +96,7 @@ def decode_split(
     transform of :class:`InputConfig` with resize = size)."""
     from tqdm import tqdm
 
-    transform = None
-    if size is not None:
-        cfg = InputConfig(
-            channels=channels,
-            size=(size, size),
-            resize=size,
-            mean=(0.5,) * channels,
-            std=(1.0,) * channels,
-        )
-        transform = cfg.eval_transform()
+    transform = None if size is None else _resize_and_crop(channels, size)
 
     def one(i: int) -> Tensor | BadImageError:
         name = split.files[i]

@@ -43,17 +43,17 @@ def single_crop_probs(
 @torch.no_grad()
 def ten_crop_probs(model: nn.Module, images: Sequence[Tensor] | Tensor, cfg: InputConfig) -> Tensor:
     """(N, classes): the mean softmax over 10 crops of ``cfg.size`` (corners, centre, mirrored)
-    of each image resized to ``cfg.resize`` on its shorter side."""
+    of each image resized to ``cfg.resize`` on its shorter side; one forward pass for the crops
+    of all ``images``."""
     from torchvision.transforms.v2 import functional as F
 
     side = cfg.resize or max(cfg.size)
-    out = []
-    norm = cfg.normalizer()
+    crops = []
     for im in images:
         r = F.resize(im, [side], interpolation=_interp(cfg.interpolation), antialias=True)
-        crops = torch.stack(F.ten_crop(r, list(cfg.size)))  # (10, C, h, w)
-        out.append(_probs(model, crops, norm).mean(0))
-    return torch.stack(out)
+        crops.append(torch.stack(F.ten_crop(r, list(cfg.size))))  # (10, C, h, w)
+    probs = _probs(model, torch.cat(crops), cfg.normalizer())
+    return probs.view(len(crops), 10, -1).mean(1)
 
 
 @torch.no_grad()
@@ -67,6 +67,7 @@ def multiscale_probs(
 ) -> Tensor:
     """(N, classes): the mean softmax over ``scales`` of the whole image, shorter side resized to
     each scale, through the network as a fully convolutional one (``flip``: and its mirror).
+    Images that come out of a resize at the same size share a forward pass.
 
     Normalisation: per-channel statistics apply at any size; a per-pixel mean (``cfg.normalize
     == "pixel"``) is defined at ``cfg.size`` only, so its channel means are subtracted instead.
@@ -84,12 +85,22 @@ def multiscale_probs(
             mean=tuple(channel.tolist()),
             std=(1.0,) * cfg.channels,
         ).normalizer()
-    out = []
-    for im in images:
-        scores = []
-        for s in scales:
-            r = F.resize(im, [s], interpolation=_interp(cfg.interpolation), antialias=True)
-            batch = torch.stack([r, r.flip(-1)]) if flip else r[None]
-            scores.append(_probs(model, batch, norm).mean(0))
-        out.append(torch.stack(scores).mean(0))
-    return torch.stack(out)
+    total: Tensor | None = None
+    for s in scales:
+        resized = [F.resize(im, [s], interpolation=_interp(cfg.interpolation), antialias=True)
+                   for im in images]  # fmt: skip
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, r in enumerate(resized):
+            by_shape.setdefault(tuple(r.shape), []).append(i)
+        scores: list[Tensor | None] = [None] * len(resized)
+        for idx in by_shape.values():
+            batch = torch.stack([resized[i] for i in idx])
+            p = _probs(model, batch, norm)
+            if flip:
+                p = (p + _probs(model, batch.flip(-1), norm)) / 2
+            for i, row in zip(idx, p, strict=True):
+                scores[i] = row
+        stacked = torch.stack([x for x in scores if x is not None])
+        total = stacked if total is None else total + stacked
+    assert total is not None
+    return total / len(scales)

@@ -14,13 +14,17 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from reslab.data.augment import Normalize
+
+if TYPE_CHECKING:
+    from reslab.data.images import Limits
 
 __all__ = [
     "IMAGENET_EIGVAL",
@@ -122,15 +126,43 @@ class InputConfig:
         crop_pct = float(cfg.get("crop_pct", 0.875))
         interp = cfg.get("interpolation", "bilinear")
         interp = interp if interp in INTERPOLATIONS else "bilinear"  # timm's "random" etc.
+        squash = cfg.get("crop_mode") == "squash"  # timm: resize both sides, then the crop
         return cls(
             channels=int(c),
             size=(int(h), int(w)),
-            resize=math.floor(min(h, w) / crop_pct) if crop_pct < 1 else None,
+            # timm resizes the shorter side to floor(size / crop_pct) whatever crop_pct is, so
+            # crop_pct 1 (CIFAR stems) is shorter side = size + centre crop, not a squash
+            resize=None if squash else math.floor(min(h, w) / crop_pct),
             crop="center",
             interpolation=interp,
             mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
             std=tuple(cfg.get("std", IMAGENET_STD)),
         )
+
+    def with_normalization(self, norm: Normalize) -> InputConfig:
+        """This config normalised as ``norm`` (statistics fitted to the training images, or a
+        pretrained network's): "channel" mean/std, "pixel" mean, or "none"."""
+        if norm.mode == "pixel":
+            return replace(
+                self,
+                normalize="pixel",
+                pixel_mean=norm.mean.detach().float().cpu().clone(),
+                mean=tuple(norm.mean.float().mean((1, 2)).tolist()),
+                std=(1.0,) * self.channels,
+            )
+        if norm.mode == "channel":
+            mean, std = tuple(norm.mean.flatten().tolist()), tuple(norm.std.flatten().tolist())
+            return replace(self, normalize="channel", mean=mean, std=std, pixel_mean=None)
+        if norm.mode != "none":
+            raise ValueError(f"unknown normalisation mode {norm.mode!r}")
+        return replace(self, normalize="none", pixel_mean=None)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready (the per-pixel mean as its shape): config.json's record of the input."""
+        d = self.to_dict()
+        if self.pixel_mean is not None:
+            d["pixel_mean"] = f"tensor of shape {list(self.pixel_mean.shape)} (in the checkpoint)"
+        return d
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (and ``pixel_mean`` as a tensor), for checkpoints."""
@@ -163,6 +195,39 @@ class InputConfig:
 
     def eval_transform(self) -> ClassificationPresetEval:
         return ClassificationPresetEval(self)
+
+    def resized(self, side: int) -> InputConfig:
+        """This input at ``side`` x ``side``, its resize scaled alike (256/224 stays 256/224);
+        a per-pixel mean is defined at one size only, so that is refused."""
+        if (side, side) == tuple(self.size):
+            return self
+        if self.normalize == "pixel":
+            h, w = self.size
+            raise ValueError(
+                f"this network normalises each pixel of {h}x{w} (HxW) images, so it takes no "
+                f"other size (asked for {side})"
+            )
+        resize = None if self.resize is None else round(self.resize * side / min(self.size))
+        return replace(self, size=(side, side), resize=resize)
+
+    def read_image(self, path: str | Path, *, limits: Limits | None = None) -> Tensor:
+        """An image file as this input, uint8 (C, H, W): read and decoded as the data path
+        decodes a training image (:func:`reslab.data.images.decode`: orientation, channels,
+        reduced-size JPEG decoding), then the evaluation transform; so a prediction sees
+        exactly the pixels evaluation saw. Errors name the file."""
+        from reslab.data.images import DEFAULT_LIMITS, decode, read_bounded
+
+        limits = limits or DEFAULT_LIMITS
+        transform = self.eval_transform()
+        if Path(path).is_dir():
+            raise ValueError(f"{path} is a directory, not an image file")
+        if not Path(path).exists():
+            raise FileNotFoundError(f"image not found: {path}")
+        data = read_bounded(path, limits.max_file_bytes)
+        image = decode(
+            data, str(path), channels=self.channels, min_side=transform.min_side, limits=limits
+        )
+        return transform(image)
 
 
 class PCALighting:

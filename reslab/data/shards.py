@@ -22,6 +22,7 @@ import os
 import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ import torch
 from reslab._io import atomic_path
 from reslab.data.cache import clean_stale_temp
 from reslab.data.images import DEFAULT_LIMITS, BadImageError, Limits, decode, probe
-from reslab.data.index import SourceIndex, SplitIndex, index_source
+from reslab.data.index import SourceIndex, SplitIndex, index_source, quiet_worker
 from reslab.data.store import FileStore
 
 __all__ = ["MANIFEST", "PackConfig", "pack", "read_shard_index"]
@@ -133,6 +134,74 @@ def _done(path: Path) -> dict | None:
         return None
 
 
+_Job = tuple[str, SplitIndex, np.ndarray, Path]  # split name, split, its rows, the shard's path
+
+
+def _write_shards(
+    index: SourceIndex,
+    jobs: list[_Job],
+    todo: list[_Job],
+    cfg: PackConfig,
+    limits: Limits,
+    skip_bad: bool,
+    workers: int | None,
+    progress: bool,
+) -> dict[Path, dict]:
+    """Write the shards of ``todo`` in worker processes, one shard each at a time; their
+    manifests by path. The bar counts the images of ``jobs`` done earlier as done."""
+    from tqdm import tqdm
+
+    total = sum(len(j[2]) for j in jobs)
+    initial = total - sum(len(j[2]) for j in todo)
+    bar = tqdm(
+        total=total, initial=initial, desc="pack", unit="img", disable=None if progress else True
+    )
+    manifests: dict[Path, dict] = {}
+    try:
+        with cf.ProcessPoolExecutor(
+            workers or os.cpu_count() or 1, initializer=_one_thread
+        ) as pool:
+            futures = {
+                pool.submit(_write_shard, index.store, split, rows, path, cfg, limits, skip_bad): (
+                    path,
+                    len(rows),
+                )
+                for _, split, rows, path in todo
+            }
+            for fut in cf.as_completed(futures):
+                path, n = futures[fut]
+                manifests[path] = fut.result()
+                bar.update(n)
+    finally:
+        bar.close()
+    return manifests
+
+
+def _manifest(
+    index: SourceIndex, jobs: list[_Job], manifests: dict[Path, dict], settings: dict
+) -> dict[str, Any]:
+    """The packed folder's manifest: every shard's entries as one index per split."""
+    splits: dict[str, dict] = {}
+    skipped = list(index.skipped)
+    for split_name, _, _, path in jobs:
+        m = manifests[path]
+        skipped += [tuple(s) for s in m["skipped"]]
+        d = splits.setdefault(
+            split_name,
+            {k: [] for k in ("files", "labels", "widths", "heights", "offsets", "nbytes")},
+        )
+        for member, label, w, h, off, size in m["entries"]:
+            for k, v in zip(d, (f"{path.name}/{member}", label, w, h, off, size), strict=True):
+                d[k].append(v)
+    return {
+        "settings": settings,
+        "classes": index.classes,
+        "splits": splits,
+        "notes": index.notes,
+        "skipped": skipped,
+    }
+
+
 def pack(
     src: Path,
     dest: Path,
@@ -150,8 +219,6 @@ def pack(
     the index made it; a missing val/ stays missing). Shards are written by ``workers``
     processes, one shard each at a time.
     """
-    from tqdm import tqdm
-
     index = index_source(
         Path(src),
         limits=limits,
@@ -167,63 +234,16 @@ def pack(
     old = dest / MANIFEST
     if old.exists() and json.loads(old.read_text()).get("settings") != settings:
         raise ValueError(f"{dest} holds shards packed with other settings; choose another DEST")
-    jobs = []
+    jobs: list[_Job] = []
     for split_name, split in index.splits.items():
         order = np.random.default_rng(SHUFFLE_SEED).permutation(len(split))
         for k in range(0, len(split), cfg.shard_samples):
             path = dest / f"{split_name}-{k // cfg.shard_samples:06d}.tar"
             jobs.append((split_name, split, order[k : k + cfg.shard_samples], path))
-    manifests: dict[Path, dict] = {}
-    todo = []
-    for job in jobs:
-        m = _done(job[3])
-        if m is None:
-            todo.append(job)
-        else:
-            manifests[job[3]] = m
-    total = sum(len(j[2]) for j in jobs)
-    bar = tqdm(
-        total=total,
-        initial=total - sum(len(j[2]) for j in todo),
-        desc="pack",
-        unit="img",
-        disable=None if progress else True,
-    )
-    try:
-        n_workers = workers or os.cpu_count() or 1
-        with cf.ProcessPoolExecutor(n_workers, initializer=_one_thread) as pool:
-            futures = {
-                pool.submit(_write_shard, index.store, split, rows, path, cfg, limits, skip_bad): (
-                    path,
-                    len(rows),
-                )
-                for _, split, rows, path in todo
-            }
-            for fut in cf.as_completed(futures):
-                path, n = futures[fut]
-                manifests[path] = fut.result()
-                bar.update(n)
-    finally:
-        bar.close()
-    splits: dict[str, dict] = {}
-    skipped = list(index.skipped)
-    for split_name, _, _, path in jobs:
-        m = manifests[path]
-        skipped += [tuple(s) for s in m["skipped"]]
-        d = splits.setdefault(
-            split_name,
-            {k: [] for k in ("files", "labels", "widths", "heights", "offsets", "nbytes")},
-        )
-        for member, label, w, h, off, size in m["entries"]:
-            for k, v in zip(d, (f"{path.name}/{member}", label, w, h, off, size), strict=True):
-                d[k].append(v)
-    body = {
-        "settings": settings,
-        "classes": index.classes,
-        "splits": splits,
-        "notes": index.notes,
-        "skipped": skipped,
-    }
+    manifests = {job[3]: m for job in jobs if (m := _done(job[3])) is not None}
+    todo = [job for job in jobs if job[3] not in manifests]  # a rerun resumes where it stopped
+    manifests.update(_write_shards(index, jobs, todo, cfg, limits, skip_bad, workers, progress))
+    body = _manifest(index, jobs, manifests, settings)
     with atomic_path(dest / MANIFEST) as tmp:
         tmp.write_text(json.dumps(body))
     return read_shard_index(dest)
@@ -253,3 +273,4 @@ def read_shard_index(dest: Path) -> SourceIndex:
 
 def _one_thread() -> None:  # pragma: no cover - runs in the pool's processes
     torch.set_num_threads(1)  # one process per core already: no oversubscription
+    quiet_worker()

@@ -7,9 +7,9 @@ Each reader returns a :class:`RawData` (the source's own train/test split, nothi
 
 from __future__ import annotations
 
-import gzip
 import io
 import pickle
+import stat
 import tarfile
 import zlib
 from dataclasses import dataclass, field
@@ -68,6 +68,7 @@ def read_digits() -> RawData:
         images[is_test],
         labels[is_test],
         list(map(str, range(10))),
+        notes=[f"test: {len(test)} images, a fixed stratified share of each digit (seed 0)"],
     )
 
 
@@ -102,6 +103,10 @@ def _unpickle(data: bytes, where: str) -> dict:
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
 
 
+# The largest any file of the python versions is (CIFAR-100's decompressed archive: 178 MB; its
+# `train` file 155 MB), with room to spare: what is read into memory is bounded before reading.
+CIFAR_MAX_BYTES = 2**30
+
 # the official python versions' files (CIFAR-10, then CIFAR-100)
 _CIFAR_FILES = {
     *(f"data_batch_{i}" for i in range(1, 6)),
@@ -109,22 +114,59 @@ _CIFAR_FILES = {
 }
 
 
-def _cifar_members(path: Path) -> dict[str, tuple[str, bytes]]:
-    """{file name: (where, bytes)} of every regular file in a CIFAR folder, .tar.gz or .tar."""
+def _read_member(path: Path, limit: int) -> bytes:
+    """A CIFAR file of a folder: a regular file of at most ``limit`` bytes, read once."""
+    st = path.stat()
+    if not stat.S_ISREG(st.st_mode):  # a named pipe would block, a device never end
+        raise ValueError(f"CIFAR file {path} is not a regular file")
+    if st.st_size > limit:
+        raise ValueError(
+            f"CIFAR file {path} is {st.st_size:,} bytes, over the {limit:,} that any file of "
+            "CIFAR-10/100 in the python format can have"
+        )
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:  # grew since the stat
+        raise ValueError(f"CIFAR file {path} is over the {limit:,} bytes it had a moment ago")
+    return data
+
+
+def _gunzip(blob: bytes, limit: int, path: Path) -> bytes:
+    """The whole gzip stream, checked (CRC and length: damaged bytes fail here, not as wrong
+    pixels), refused once it passes ``limit`` bytes (a gzip bomb stops there)."""
+    out, rest = bytearray(), blob
+    while rest:  # one gzip member after another, as gzip.decompress reads them
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        out += d.decompress(rest, limit + 1 - len(out))
+        if len(out) > limit or d.unconsumed_tail:
+            raise ValueError(
+                f"corrupt CIFAR archive {path}: it decompresses to more than the {limit:,} bytes "
+                "that CIFAR-10/100 in the python format take"
+            )
+        if not d.eof:
+            raise EOFError("compressed file ended before the end-of-stream marker was reached")
+        rest = d.unused_data.lstrip(b"\0")
+    return bytes(out)
+
+
+def _cifar_members(path: Path, limit: int = CIFAR_MAX_BYTES) -> dict[str, tuple[str, bytes]]:
+    """{file name: (where, bytes)} of the CIFAR files (:data:`_CIFAR_FILES`) in a folder,
+    .tar.gz or .tar. Memory is bounded before reading: only regular files are read, each and the
+    decompressed archive at most ``limit`` bytes; other files of a folder are not read at all."""
     out: dict[str, tuple[str, bytes]] = {}
     if path.is_dir():
         for f in sorted(path.rglob("*")):
-            if f.is_file():
-                if f.name in out and f.name in _CIFAR_FILES:  # a backup copy: which is meant?
+            if f.name in _CIFAR_FILES and not f.is_dir():
+                if f.name in out:  # a backup copy: which is meant?
                     raise ValueError(f"{path}: two files named {f.name}: {out[f.name][0]} and {f}")
-                out.setdefault(f.name, (str(f), f.read_bytes()))
+                out[f.name] = (str(f), _read_member(f, limit))
         return out
+    blob = _read_member(path, limit)  # the archive: a regular file, bounded
     try:
-        blob = path.read_bytes()
         if blob[:2] == b"\x1f\x8b":
             # tarfile stops at the end-of-archive marker and never checks the gzip CRC/length:
             # decompress the whole stream first so damaged bytes fail here, not as wrong pixels
-            blob = gzip.decompress(blob)
+            blob = _gunzip(blob, limit, path)
         with tarfile.open(fileobj=io.BytesIO(blob), mode="r:") as tar:
             members = tar.getmembers()
             # tarfile ends the listing quietly at a damaged header after the first: only zero
@@ -133,32 +175,46 @@ def _cifar_members(path: Path) -> dict[str, tuple[str, bytes]]:
                 after = f" after {members[-1].name}" if members else ""
                 raise tarfile.ReadError(f"unreadable tar header at byte {tar.offset}{after}")
             for m in members:
-                if m.isfile():
+                name = PurePosixPath(m.name).name
+                if m.isfile() and name in _CIFAR_FILES:
                     fobj = tar.extractfile(m)
                     assert fobj is not None
-                    out[PurePosixPath(m.name).name] = (f"{path}:{m.name}", fobj.read())
+                    out[name] = (f"{path}:{m.name}", fobj.read())
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         raise ValueError(f"corrupt CIFAR archive {path}: {exc}") from exc
     return out
 
 
 def _cifar_arrays(batch: dict, where: str, label_key: str) -> tuple[Tensor, Tensor]:
-    try:
-        data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        labels = np.asarray(batch[label_key], dtype=np.int64)
-    except (KeyError, ValueError) as exc:
-        raise ValueError(f"corrupt CIFAR batch file {where}: {exc!r}") from exc
-    if len(labels) != len(data):
+    missing = [k for k in ("data", label_key) if k not in batch]
+    if missing:
         raise ValueError(
-            f"corrupt CIFAR batch file {where}: {len(data)} images, {len(labels)} labels"
+            f"corrupt CIFAR batch file {where}: no {' or '.join(map(repr, missing))} entry "
+            f"(it has {sorted(map(str, batch))})"
         )
-    return torch.from_numpy(data.copy()), torch.from_numpy(labels)
+    data, labels = np.asarray(batch["data"]), np.asarray(batch[label_key])
+    if data.dtype != np.uint8 or data.size % (3 * 32 * 32):
+        raise ValueError(
+            f"corrupt CIFAR batch file {where}: 'data' is {data.dtype} of shape {data.shape}, "
+            "not uint8 rows of 3x32x32 = 3,072 pixels"
+        )
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"corrupt CIFAR batch file {where}: {label_key!r} is {labels.dtype} of shape "
+            f"{labels.shape}, not a list of integer labels"
+        )
+    images = data.reshape(-1, 3, 32, 32)
+    if len(labels) != len(images):
+        raise ValueError(
+            f"corrupt CIFAR batch file {where}: {len(images)} images, {len(labels)} labels"
+        )
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
 
 def read_cifar_python(path: Path) -> RawData:
     """CIFAR-10 (``data_batch_1..5``, ``test_batch``, ``batches.meta``) or CIFAR-100 (``train``,
     ``test``, ``meta``; fine labels) in the official python format, as a folder or ``.tar.gz``."""
-    files = _cifar_members(path)
+    files = _cifar_members(path, CIFAR_MAX_BYTES)
     if "batches.meta" in files or any(n.startswith(("data_batch_", "test_batch")) for n in files):
         # CIFAR-10: all five batches are expected, so a missing one is named, never skipped
         train_names = [f"data_batch_{i}" for i in range(1, 6)]

@@ -5,6 +5,7 @@ main process or in a DataLoader worker (each process opens its own archive handl
 from __future__ import annotations
 
 import os
+import stat
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -12,11 +13,35 @@ from pathlib import Path
 
 from reslab.data.images import BadImageError, read_bounded
 
-__all__ = ["FileStore", "open_zip"]
+__all__ = ["FileStore", "check_source", "open_zip"]
 
 # (pid, path) -> open ZipFile: a handle must not cross a fork, so each worker opens its own
 _ZIPS: dict[tuple[int, str], zipfile.ZipFile] = {}
 _SHARDS: dict[tuple[int, str], int] = {}  # (pid, path) -> file descriptor
+
+
+def check_source(path: Path) -> Path:
+    """``path`` if it can be a data source: a folder or a regular file. A named pipe, a device
+    (``/dev/zero``) or a socket is refused by name: reading one would block or never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"data not found: {path} (expected 'digits', a CIFAR python folder or .tar.gz, an "
+            "image folder / .zip with train/ (and val/, test/), or a CSV/TSV list of path,label)"
+        ) from None
+    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+        kind = (
+            "a named pipe"
+            if stat.S_ISFIFO(mode)
+            else "a device"
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket"
+            if stat.S_ISSOCK(mode)
+            else "not a regular file"
+        )
+        raise ValueError(f"data source {path} is {kind}, not a data file or folder")
+    return path
 
 
 def open_zip(path: Path) -> zipfile.ZipFile:

@@ -229,7 +229,11 @@ class ResumableSampler(Sampler[list[tuple[int, int]]]):
         return perm[self.rank :: self.world_size]
 
     def __len__(self) -> int:
-        """Batches per epoch on this rank."""
+        """Batches per epoch on this rank (the same on every rank)."""
+        if self.drop_last and (self.groups is None or self.world_size == 1):
+            # whole global batches of the permutation, as one process on the global batch takes
+            # them: the wrap-around padding of the last ranks never starts a batch of its own
+            return self.num_samples // (self.batch_size * self.world_size)
         per_rank = self._per_rank()
         return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
 
@@ -299,11 +303,11 @@ class BatchPosition:
         """Position at global step ``step`` (epoch ``step // len``, batch ``step % len``)."""
         self.sampler.epoch, self.sampler.batch = divmod(step, len(self))
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
         """The position: the next batch to yield, with what it is valid for."""
-        return self.sampler.state_dict()
+        return dict(self.sampler.state_dict())
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state)
 
 
@@ -311,10 +315,10 @@ class StreamingBatches(BatchPosition):
     """The training batches of a streamed split: iterate for this epoch's remaining batches of
     ``(uint8 images (N, C, H, W), int64 labels)`` on ``device``.
 
-    ``batch_size`` is per rank. Workers are persistent (started once, kept across epochs), batches
-    are pinned when the device is CUDA. ``state_dict()`` is the position: the next batch; after a
-    full pass the position is batch 0 of the next epoch. ``skipped`` lists files left out with
-    ``skip_bad``, each once.
+    ``batch_size`` is per rank. Workers are ``persistent`` (started once, kept across epochs),
+    batches are pinned when the device is CUDA. ``state_dict()`` is the position: the next batch;
+    after a full pass the position is batch 0 of the next epoch. ``skipped`` lists files left out
+    with ``skip_bad``, each once (kept in the state, so a resumed run still counts them).
     """
 
     def __init__(
@@ -331,6 +335,7 @@ class StreamingBatches(BatchPosition):
         device: torch.device | str | None = None,
         prefetch_factor: int = 4,
         by_shard: bool = True,
+        persistent: bool = True,
         collate_fn: Callable[[list[tuple[Any, ...]]], Any] = collate_uint8,
     ) -> None:
         rank, world_size = rank_and_world(rank, world_size)
@@ -353,11 +358,19 @@ class StreamingBatches(BatchPosition):
             num_workers=num_workers,
             collate_fn=collate_fn,
             pin_memory=pin,
-            persistent_workers=num_workers > 0,
+            persistent_workers=persistent and num_workers > 0,
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
         )
         self.skipped: list[tuple[str, str]] = []
         self._seen: set[str] = set()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.sampler.state_dict(), "skipped": [list(s) for s in self.skipped]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+        self.skipped = [(str(w), str(r)) for w, r in state.get("skipped", [])]
+        self._seen = {w for w, _ in self.skipped}
 
     def _finish(self, batch: Any) -> tuple[Tensor, Tensor, list[tuple[str, str]]]:
         """What a collated batch becomes in the main process (subclasses decode on a GPU)."""

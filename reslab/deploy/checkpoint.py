@@ -11,8 +11,7 @@ from torch import nn
 
 from reslab.deploy.inputs import InputSpec, input_spec
 from reslab.models.pretrained import model_from_weights
-from reslab.models.weights import read_weights
-from reslab.train.checkpoint import find_checkpoint
+from reslab.train.checkpoint import find_checkpoint, read_checkpoint, refuse_packed
 
 __all__ = ["Trained", "load_trained"]
 
@@ -31,13 +30,15 @@ class Trained:
 
 
 def load_trained(source: str | Path, *, image_size: int | None = None) -> Trained:
-    """Read a reslab checkpoint (or a run folder's best one) through the validated weight
-    reader (:func:`reslab.models.weights.read_weights`: safe loading, format detection) and
-    rebuild its network exactly (:func:`reslab.models.pretrained.model_from_weights`)."""
+    """Read a reslab checkpoint (or a run folder's best one) through the validated reader
+    (:func:`reslab.train.checkpoint.read_checkpoint`: safe loading, format detection and
+    version) and rebuild its network exactly (:func:`reslab.models.pretrained.model_from_weights`:
+    its config sized before anything is built)."""
     if not Path(source).exists():
         raise FileNotFoundError(f"no checkpoint or run folder at {source}")
     path = find_checkpoint(Path(source))
-    weights = read_weights(path)  # checks the path: missing, a folder, a pipe, not weights
+    weights = read_checkpoint(path)  # checks the path: missing, a folder, a pipe, not weights
+    refuse_packed(weights)
     net = model_from_weights(weights)
     meta = {k: v for k, v in weights.meta.items() if k not in ("optimizer", "rng", "scaler")}
     n = int(meta["model_config"]["num_classes"])

@@ -113,6 +113,8 @@ def build_metadata(trained: Trained, options: ExportOptions, spec: InputSpec) ->
         "width": spec.width,
         "interpolation": spec.interpolation,
         "fixed": spec.fixed_size,
+        # the evaluation view: shorter side to this, then the centre crop; null: straight
+        "shorter_side": spec.resize,
     }
     int8 = None
     if options.int8:
@@ -163,7 +165,6 @@ def calibration_images(
     """(calibration, check): ``options.calibration_images`` random training images of the
     run's data and up to ``options.check_images`` held-out ones (validation split, else test)
     to measure top-1 agreement on, uint8 at the export's input size."""
-    from torchvision.transforms.v2 import functional as TF
 
     from reslab.data import load_data
 
@@ -196,10 +197,10 @@ def calibration_images(
     pick = torch.randperm(len(splits.train), generator=g)[: options.calibration_images]
     held = splits.val if len(splits.val) else splits.test
 
+    view = spec.input_config().eval_transform()  # as evaluation brings images to the input
+
     def sized(x: Tensor) -> Tensor:
-        if tuple(x.shape[-2:]) == (spec.height, spec.width):
-            return x
-        return TF.resize(x, [spec.height, spec.width], antialias=True)
+        return x if tuple(x.shape[-2:]) == (spec.height, spec.width) else view(x)
 
     return sized(splits.train.images[pick]), sized(held.images[: options.check_images])
 

@@ -1,34 +1,31 @@
 """What a trained network expects of an image, and how an image file becomes that input.
 
-:func:`input_spec` is the one place that reads this from a checkpoint (its normalisation, the
-training image size, the architecture): ``reslab predict``, ``reslab export`` and the exported
-model's metadata all take it from there, so a change in what checkpoints record (a full input
-config with resize, crop and interpolation) is a change to that one function.
+:func:`input_spec` is the one place that reads this from a checkpoint: the input config it
+carries (:class:`reslab.data.InputConfig`, checkpoint format 3: size, resize and crop,
+interpolation, normalisation), or, in older checkpoints, what the weights fix (a per-pixel
+mean's size, a dense input layer). ``reslab predict``, ``reslab export`` and the exported
+model's metadata all take it from there.
 
-Resizing happens outside the network (on the image, before batching); normalisation happens
-inside (:class:`reslab.deploy.graph.InferenceModel`), so an exported graph takes raw pixels.
+Resizing happens outside the network (on the image, before batching), exactly as evaluation did
+it (:func:`read_image`: the data path's decoder, then the evaluation view); normalisation
+happens inside (:class:`reslab.deploy.graph.InferenceModel`), so an exported graph takes raw
+pixels.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from PIL import Image
+from reslab.data.presets import InputConfig
 
-__all__ = ["DEFAULT_SIDES", "InputSpec", "input_spec", "read_image"]
-
-# The side a network's stem was designed for, used when the checkpoint does not say: CIFAR's
-# 32 pixels (He et al. 2015 §4.2) and ImageNet's 224-pixel crops (Table 1).
-DEFAULT_SIDES = {"cifar": 32, "imagenet": 224}
+__all__ = ["InputSpec", "input_spec", "read_image"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +42,10 @@ class InputSpec:
     std: Tensor
     normalization: str = "none"  # "pixel", "channel" or "none" (only the /255 scaling)
     fixed_size: bool = False
-    interpolation: str = "bilinear"  # how images of another size are resized (PIL)
+    interpolation: str = "bilinear"  # how images of another size are resized
+    # the evaluation view: the shorter side resized to ``resize``, then the centre crop of
+    # height x width; None: resized straight to height x width
+    resize: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (mean/std as nested lists), as stored in an exported model's metadata."""
@@ -58,6 +58,7 @@ class InputSpec:
             "normalization": self.normalization,
             "fixed_size": self.fixed_size,
             "interpolation": self.interpolation,
+            "resize": self.resize,
         }
 
     @classmethod
@@ -71,6 +72,7 @@ class InputSpec:
             str(d.get("normalization", "none")),
             bool(d.get("fixed_size", False)),
             str(d.get("interpolation", "bilinear")),
+            None if d.get("resize") is None else int(d["resize"]),
         )
 
     def resized(self, side: int | None) -> InputSpec:
@@ -91,23 +93,55 @@ class InputSpec:
                 f"this checkpoint {what}, so images are resized to {self.height}x{self.width}: "
                 f"pass {hint}no --image-size (got {side})"
             )
-        return InputSpec(
-            self.channels, side, side, self.mean, self.std, self.normalization, False,
-            self.interpolation,
-        )  # fmt: skip
+        resize = None if self.resize is None else round(self.resize * side / self.height)
+        return replace(self, height=side, width=side, resize=resize)
+
+    def input_config(self) -> InputConfig:
+        """The evaluation view as an :class:`~reslab.data.InputConfig` (geometry only; the
+        normalisation runs in the network)."""
+        c = self.channels
+        return InputConfig(
+            channels=c,
+            size=(self.height, self.width),
+            resize=self.resize,
+            interpolation=self.interpolation,
+            mean=(0.0,) * c,
+            std=(1.0,) * c,
+            normalize="none",
+        )
 
 
 def input_spec(checkpoint: Mapping[str, Any], *, image_size: int | None = None) -> InputSpec:
     """The input a reslab checkpoint's network expects (``checkpoint``: the dict a run saves, or
     :attr:`reslab.models.weights.Weights.meta`).
 
-    The size is the per-pixel mean's (fixed), a dense network's input layer (fixed), else
-    ``image_size``, else the last side of the run's progressive resizing, else the stem's
-    design size (:data:`DEFAULT_SIDES`).
+    The checkpoint's own input config (format 3 on; ``image_size`` resizes it where the network
+    allows), else the size the weights fix (a per-pixel mean's, a dense network's input layer),
+    else ``image_size``. A checkpoint that records none of these is refused: a guessed size gives
+    confident wrong answers (a digits network fed 32-px images).
     """
+    dense = checkpoint.get("model_kind") == "dense"
+    saved = checkpoint.get("input_config")
+    if saved is not None:
+        return _from_input_config(InputConfig.from_dict(dict(saved)), dense, image_size)
+    return _from_weights(checkpoint, dense, image_size)
+
+
+def _from_input_config(cfg: InputConfig, dense: bool, image_size: int | None) -> InputSpec:
+    """The spec of a checkpoint that carries its input config (format 3 on)."""
+    if image_size is not None and not dense:
+        cfg = cfg.resized(image_size)
+    norm = cfg.normalizer()
+    fixed = dense or cfg.normalize == "pixel"
+    spec = InputSpec(cfg.channels, cfg.size[0], cfg.size[1], norm.mean, norm.std,
+                     cfg.normalize, fixed, cfg.interpolation, cfg.resize)  # fmt: skip
+    return spec.resized(image_size) if dense else spec
+
+
+def _from_weights(checkpoint: Mapping[str, Any], dense: bool, image_size: int | None) -> InputSpec:
+    """The spec of an older checkpoint: what its weights fix, else ``image_size``."""
     config = checkpoint.get("model_config") or {}
     norm = checkpoint.get("normalization")
-    dense = checkpoint.get("model_kind") == "dense"
     mean = std = None
     if norm is not None:
         mean = torch.as_tensor(norm["mean"], dtype=torch.float32)
@@ -123,11 +157,11 @@ def input_spec(checkpoint: Mapping[str, Any], *, image_size: int | None = None) 
         mean, std = torch.zeros(channels, 1, 1), torch.ones(channels, 1, 1)
     mode = str(norm["mode"]) if norm is not None else "none"
 
-    def spec(h: int, w: int, fixed: bool) -> InputSpec:
+    def make(h: int, w: int, fixed: bool) -> InputSpec:
         return InputSpec(channels, h, w, mean, std, mode, fixed)
 
     if mean.ndim == 3 and tuple(mean.shape[-2:]) != (1, 1):  # a per-pixel mean
-        return spec(int(mean.shape[-2]), int(mean.shape[-1]), True).resized(image_size)
+        return make(int(mean.shape[-2]), int(mean.shape[-1]), True).resized(image_size)
     if dense:
         features = int(config["widths"][0])  # flattened square images
         side = math.isqrt(features // channels)
@@ -136,46 +170,23 @@ def input_spec(checkpoint: Mapping[str, Any], *, image_size: int | None = None) 
                 f"this dense checkpoint takes {features} input features, which are not "
                 f"{channels} channel(s) of a square image"
             )
-        return spec(side, side, True).resized(image_size)
-    if image_size is not None:
-        if image_size < 1:
-            raise ValueError(f"image size must be >= 1, got {image_size}")
-        return spec(image_size, image_size, False)
-    resolutions = (checkpoint.get("train_config") or {}).get("resolutions") or ()
-    side = int(resolutions[-1][1]) if resolutions else DEFAULT_SIDES[config.get("stem", "cifar")]
-    return spec(side, side, False)
+        return make(side, side, True).resized(image_size)
+    if image_size is None:
+        raise ValueError(
+            "this checkpoint does not record the image size its network was trained on (it was "
+            "written before checkpoints carried their input, format 1 or 2): pass --image-size "
+            "N, the side of its training images (8 for the digits, 32 for CIFAR); `reslab eval` "
+            "reads its data at their own size"
+        )
+    if image_size < 1:
+        raise ValueError(f"image size must be >= 1, got {image_size}")
+    return make(image_size, image_size, False)
 
 
 def read_image(path: str | Path, spec: InputSpec) -> Tensor:
-    """An image file as the uint8 (C, H, W) tensor ``spec`` asks for: converted to grey or RGB,
-    resized if its size differs. A file that is not a readable image raises ``ValueError``
-    naming it."""
-    from PIL import Image, UnidentifiedImageError
-
-    if Path(path).is_dir():
-        raise ValueError(f"{path} is a directory, not an image file")
-    try:
-        with Image.open(path) as file:
-            img = _to_8_bit(file).convert("L" if spec.channels == 1 else "RGB")
-            if img.size != (spec.width, spec.height):
-                resample = Image.Resampling[spec.interpolation.upper()]
-                img = img.resize((spec.width, spec.height), resample)
-            array = np.asarray(img, dtype=np.uint8)
-    except FileNotFoundError:  # already names the file
-        raise
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        # PIL's "image file is truncated" does not say which file
-        raise ValueError(f"cannot read image {path}: {exc}") from exc
-    x = torch.from_numpy(array.copy())
-    return x[None] if x.ndim == 2 else x.permute(2, 0, 1)
-
-
-def _to_8_bit(img: Image.Image) -> Image.Image:
-    """16-bit grey ("I;16*", or "I", as which older Pillow opens it) scaled to "L" (x / 257, so
-    65535 is 255): PIL's convert would clip every value above 255 to white."""
-    from PIL import Image
-
-    if not img.mode.startswith("I"):
-        return img
-    a = np.asarray(img).astype(np.float64)
-    return Image.fromarray(np.clip(np.round(a / 257), 0, 255).astype(np.uint8), "L")
+    """An image file as the uint8 (C, H, W) tensor ``spec`` asks for, made as evaluation made
+    it: decoded by the data path's decoder (:func:`reslab.data.images.decode`: EXIF orientation,
+    grey/RGBA/CMYK/palette/16-bit converted to the channels, reduced-size JPEG decoding), then
+    the evaluation view (shorter side to ``spec.resize`` + centre crop, or straight to the size).
+    A file that is not a readable image raises ``ValueError`` naming it."""
+    return spec.input_config().read_image(path)

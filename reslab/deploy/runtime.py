@@ -90,7 +90,7 @@ def spec_from_metadata(meta: dict[str, Any]) -> InputSpec:
         torch.tensor(norm["mean"], dtype=torch.float32),
         torch.tensor(norm["std"], dtype=torch.float32),
         str(norm.get("mode", "none")), bool(inp["resize"].get("fixed", True)),
-        str(inp["resize"].get("interpolation", "bilinear")),
+        str(inp["resize"].get("interpolation", "bilinear")), inp["resize"].get("shorter_side"),
     )  # fmt: skip
 
 

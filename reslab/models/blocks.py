@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 from torch import Tensor, fx, nn
 
 from reslab.models.layers import NormLayer, ProjectionShortcut, check_choice, conv2d
@@ -59,6 +60,8 @@ class ResidualBlock(nn.Module):
 
     ``downsample`` is the skip path ``h`` (None: the unit of a plain net, no addition). It keeps
     torchvision's name so its state dicts load; the forwards call its output ``shortcut``.
+    :meth:`join` adds ``F(x)`` and ``h(x)``, or hands them to ``combine``, a module that scales
+    or gates them as a variant of He et al. 2016 Table 1 does (:mod:`reslab.models.shortcuts`).
     Subclasses build the branch first and call :meth:`_set_shortcut` last: module order fixes the
     order in which :func:`~reslab.models.layers.kaiming_init_` draws the weights.
 
@@ -76,9 +79,20 @@ class ResidualBlock(nn.Module):
         # Whether h reads the pre-activated input (pre-activation units only; see PreAct*).
         self.shortcut_from_preact = False
 
-    def _set_shortcut(self, shortcut: nn.Module | None) -> None:
+    def _set_shortcut(self, shortcut: nn.Module | None, combine: nn.Module | None = None) -> None:
+        if shortcut is None and combine is not None:
+            raise ValueError(f"a plain unit has no shortcut to combine with {combine}")
         self.residual = shortcut is not None
         self.downsample = shortcut
+        # None: the plain sum, and the unit's modules stay exactly those of the original design
+        self.combine = combine
+
+    def join(self, out: Tensor, shortcut: Tensor, x: Tensor) -> Tensor:
+        """``y = F(x) + h(x)`` (He et al. 2016, eq. 1), never in place; with a ``combine``
+        module, its scaled or gated form. ``x`` is what ``h`` read (a gate reads it too)."""
+        if self.combine is None:
+            return out + shortcut
+        return self.combine(out, shortcut, x)
 
     # -- analysis interface -------------------------------------------------------------------
     def forward_without_branch(self, x: Tensor) -> Tensor:
@@ -92,7 +106,11 @@ class ResidualBlock(nn.Module):
                     f"stride {self.stride} cannot be deleted: nothing would keep the shape"
                 )
             return x
-        return self._after_add(self.downsample(self._shortcut_input(x)))
+        x_in = self._shortcut_input(x)
+        shortcut = self.downsample(x_in)
+        if self.combine is not None:  # F deleted is F = 0: a scaled or gated h stays so
+            shortcut = self.combine(torch.zeros_like(shortcut), shortcut, x_in)
+        return self._after_add(shortcut)
 
     def can_delete_branch(self) -> bool:
         """A residual unit always (its shortcut remains); a plain unit if it keeps the shape."""
@@ -143,6 +161,7 @@ class BasicBlock(ResidualBlock):
         stride: int = 1,
         *,
         shortcut: nn.Module | None,
+        combine: nn.Module | None = None,
         norm_layer: NormLayer = nn.BatchNorm2d,
     ) -> None:
         super().__init__(in_channels, width * self.expansion, stride)
@@ -151,7 +170,7 @@ class BasicBlock(ResidualBlock):
         self.conv2 = conv2d(width, width, 3)
         self.bn2 = norm_layer(width)
         self.act = nn.ReLU()
-        self._set_shortcut(shortcut)
+        self._set_shortcut(shortcut, combine)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.act(self.bn1(self.conv1(x)))
@@ -159,7 +178,7 @@ class BasicBlock(ResidualBlock):
         if self.downsample is None:  # the plain twin: no shortcut
             return self.act(out)
         shortcut = self.downsample(x)  # h(x)
-        return self.act(out + shortcut)  # x_{l+1} = ReLU(F(x) + h(x)), never in place
+        return self.act(self.join(out, shortcut, x))  # x_{l+1} = ReLU(F(x) + h(x))
 
     def branch_norms(self) -> list[tuple[str, nn.Module]]:
         return [("bn1", self.bn1), ("bn2", self.bn2)]
@@ -186,6 +205,7 @@ class Bottleneck(ResidualBlock):
         stride: int = 1,
         *,
         shortcut: nn.Module | None,
+        combine: nn.Module | None = None,
         norm_layer: NormLayer = nn.BatchNorm2d,
         stride_in: str = "1x1",
     ) -> None:
@@ -198,7 +218,7 @@ class Bottleneck(ResidualBlock):
         self.conv3 = conv2d(width, self.out_channels, 1)
         self.bn3 = norm_layer(self.out_channels)
         self.act = nn.ReLU()
-        self._set_shortcut(shortcut)
+        self._set_shortcut(shortcut, combine)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.act(self.bn1(self.conv1(x)))
@@ -207,7 +227,7 @@ class Bottleneck(ResidualBlock):
         if self.downsample is None:
             return self.act(out)
         shortcut = self.downsample(x)  # h(x)
-        return self.act(out + shortcut)
+        return self.act(self.join(out, shortcut, x))
 
     def branch_norms(self) -> list[tuple[str, nn.Module]]:
         return [("bn1", self.bn1), ("bn2", self.bn2), ("bn3", self.bn3)]
@@ -251,6 +271,7 @@ class PreActBasicBlock(ResidualBlock):
         stride: int = 1,
         *,
         shortcut: nn.Module | None,
+        combine: nn.Module | None = None,
         norm_layer: NormLayer = nn.BatchNorm2d,
         first_unit: bool = False,
     ) -> None:
@@ -260,7 +281,7 @@ class PreActBasicBlock(ResidualBlock):
         self.bn2 = norm_layer(width)
         self.conv2 = conv2d(width, width, 3)
         self.act = nn.ReLU()
-        self._set_shortcut(shortcut)
+        self._set_shortcut(shortcut, combine)
         self.shortcut_from_preact = _reads_preact(shortcut, first_unit)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -269,8 +290,9 @@ class PreActBasicBlock(ResidualBlock):
         out = self.conv2(self.act(self.bn2(out)))  # F(x)
         if self.downsample is None:
             return out
-        shortcut = self.downsample(pre if self.shortcut_from_preact else x)  # h(x)
-        return out + shortcut  # x_{l+1} = h(x) + F(x), nothing after the addition
+        x_in = pre if self.shortcut_from_preact else x
+        shortcut = self.downsample(x_in)  # h(x)
+        return self.join(out, shortcut, x_in)  # x_{l+1} = h(x) + F(x), nothing after it
 
     def branch_norms(self) -> list[tuple[str, nn.Module]]:
         return [("bn2", self.bn2)]  # bn1 normalises the unit's input, not a layer of F
@@ -295,6 +317,7 @@ class PreActBottleneck(ResidualBlock):
         stride: int = 1,
         *,
         shortcut: nn.Module | None,
+        combine: nn.Module | None = None,
         norm_layer: NormLayer = nn.BatchNorm2d,
         stride_in: str = "1x1",
         first_unit: bool = False,
@@ -308,7 +331,7 @@ class PreActBottleneck(ResidualBlock):
         self.bn3 = norm_layer(width)
         self.conv3 = conv2d(width, self.out_channels, 1)
         self.act = nn.ReLU()
-        self._set_shortcut(shortcut)
+        self._set_shortcut(shortcut, combine)
         self.shortcut_from_preact = _reads_preact(shortcut, first_unit)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -318,8 +341,9 @@ class PreActBottleneck(ResidualBlock):
         out = self.conv3(self.act(self.bn3(out)))  # F(x)
         if self.downsample is None:
             return out
-        shortcut = self.downsample(pre if self.shortcut_from_preact else x)  # h(x)
-        return out + shortcut
+        x_in = pre if self.shortcut_from_preact else x
+        shortcut = self.downsample(x_in)  # h(x)
+        return self.join(out, shortcut, x_in)
 
     def branch_norms(self) -> list[tuple[str, nn.Module]]:
         return [("bn2", self.bn2), ("bn3", self.bn3)]

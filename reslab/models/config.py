@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from reslab.models.layers import NORMS, ORDERINGS, SHORTCUT_PADS, SHORTCUTS, STEMS, check_choice
+from reslab.models.shortcuts import COMBINES
 
 __all__ = ["ResNetConfig"]
 
@@ -26,6 +27,7 @@ class ResNetConfig:
     ordering: str = "original"  # key of ORDERINGS (He et al. 2016, Fig. 4)
     shortcut: str = "B"  # key of SHORTCUTS: "A", "B", "C" or "none" (plain net)
     shortcut_pad: str = "after"  # option A's zero channels: key of SHORTCUT_PADS, after or split
+    combine: str = "add"  # key of COMBINES: h(x) + F(x), or He et al. 2016 Table 1's scalings/gates
     stride_in: str = "1x1"  # bottleneck stride on the first 1x1 (paper) or the 3x3 ("v1.5")
     norm: str = "batch"  # key of NORMS: "batch" (BatchNorm, He et al. 2015 §3.4) or "none"
     num_classes: int = 1000  # 0: no classifier, the model returns its pooled features
@@ -38,6 +40,7 @@ class ResNetConfig:
         check_choice("ordering", self.ordering, ORDERINGS)
         check_choice("shortcut", self.shortcut, SHORTCUTS)
         check_choice("shortcut_pad", self.shortcut_pad, SHORTCUT_PADS)
+        check_choice("combine", self.combine, COMBINES)
         check_choice("stride_in", self.stride_in, ("1x1", "3x3"))
         check_choice("norm", self.norm, NORMS)
         if len(self.layers) != len(self.widths) or not self.layers:
@@ -49,6 +52,11 @@ class ResNetConfig:
         for name in ("in_channels", "stem_width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.combine != "add" and self.shortcut == "none":
+            raise ValueError(
+                f"combine={self.combine!r} scales or gates the shortcut; a plain net "
+                "(shortcut='none') has none"
+            )
         if self.zero_init_residual and self.shortcut == "none":
             # a plain unit is its branch alone: zeroing it makes every input's features equal
             raise ValueError("zero_init_residual needs a shortcut; a plain net would output 0")

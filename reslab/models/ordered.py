@@ -44,6 +44,7 @@ class OrderedBlock(ResidualBlock):
         *,
         ordering: str,
         shortcut: nn.Module | None,
+        combine: nn.Module | None = None,
         norm_layer: NormLayer = nn.BatchNorm2d,
         stride_in: str = "1x1",
         first_unit: bool = False,
@@ -79,7 +80,7 @@ class OrderedBlock(ResidualBlock):
         self.act = nn.ReLU()
         n_pre = len(self.ordering.preact)
         self.preact_ops, self.ops = ops[:n_pre], ops[n_pre:]
-        self._set_shortcut(shortcut)
+        self._set_shortcut(shortcut, combine)
         self.shortcut_from_preact = bool(self.preact_ops) and (
             first_unit or isinstance(shortcut, ProjectionShortcut)
         )
@@ -98,8 +99,9 @@ class OrderedBlock(ResidualBlock):
         pre = self._run(self.preact_ops, x)
         out = self._run(self.ops, pre)  # F(x)
         if self.downsample is not None:
-            shortcut = self.downsample(pre if self.shortcut_from_preact else x)  # h(x)
-            out = out + shortcut  # y = h(x) + F(x), never in place
+            x_in = pre if self.shortcut_from_preact else x
+            shortcut = self.downsample(x_in)  # h(x)
+            out = self.join(out, shortcut, x_in)  # y = h(x) + F(x), never in place
         return self._run(self.after_add, out)  # x_{l+1} = f(y)
 
     def __prepare_scriptable__(self) -> nn.Module:

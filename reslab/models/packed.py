@@ -35,6 +35,7 @@ from torch.nn.utils import skip_init
 from reslab.models.config import ResNetConfig
 from reslab.models.layers import PadShortcut
 from reslab.models.resnet import ResNet
+from reslab.models.shortcuts import ConstantScaling
 from reslab.models.zoo import build_model
 
 __all__ = [
@@ -211,6 +212,7 @@ PACKERS: dict[type[nn.Module], Callable[[Sequence[Any]], nn.Module]] = {
     nn.GroupNorm: _pack_groupnorm,
     nn.Linear: _pack_linear,
     PadShortcut: _pack_memberwise,
+    ConstantScaling: _share,  # He et al. 2016 Table 1's fixed scalings: elementwise, no weights
     nn.ReLU: _share,
     nn.Identity: _share,
     nn.MaxPool2d: _share,

@@ -16,12 +16,14 @@ from torch import Tensor, nn
 from reslab.models.config import ResNetConfig
 from reslab.models.dense import DenseConfig, DenseResNet
 from reslab.models.resnet import ResNet
+from reslab.models.sizing import check_buildable
 from reslab.models.weights import Weights, read_weights, rename_to_reslab
 
 __all__ = [
     "LoadReport",
     "adapt_input_conv",
     "architecture_overrides",
+    "checkpoint_config",
     "load_pretrained",
     "model_from_weights",
 ]
@@ -225,13 +227,11 @@ def load_pretrained(
     return report
 
 
-def model_from_weights(weights: Weights) -> nn.Module:
-    """The network a reslab checkpoint describes, with exactly its weights, in eval mode.
-
-    Unlike :func:`load_pretrained` nothing is adapted: the config must build and every tensor
-    must fit it (a missing ``num_batches_tracked`` aside), else a ``ValueError`` names the file
-    and what does not fit. Foreign state dicts carry no architecture and are refused.
-    """
+def checkpoint_config(weights: Weights) -> ResNetConfig | DenseConfig:
+    """The architecture a reslab checkpoint records (``model_config``, ``model_kind``), checked:
+    a config that does not parse, or whose network is too large to build
+    (:func:`reslab.models.sizing.check_buildable`, from its numbers alone), is a ``ValueError``
+    naming the file. Foreign state dicts carry no architecture and are refused."""
     path = weights.path
     if weights.format != "reslab":
         raise ValueError(
@@ -241,12 +241,27 @@ def model_from_weights(weights: Weights) -> nn.Module:
         )
     kind = weights.meta.get("model_kind", "resnet")
     try:
-        if kind == "dense":
-            net: nn.Module = DenseResNet(DenseConfig.from_dict(weights.meta["model_config"]))
-        else:
-            net = ResNet(ResNetConfig.from_dict(weights.meta["model_config"]))
-    except (KeyError, TypeError, ValueError) as exc:
+        raw = weights.meta["model_config"]
+        config: ResNetConfig | DenseConfig = (
+            DenseConfig.from_dict(raw) if kind == "dense" else ResNetConfig.from_dict(raw)
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ValueError(f"{path}: invalid model_config ({type(exc).__name__}: {exc})") from None
+    check_buildable(config, source=f"the model_config of {path}")
+    return config
+
+
+def model_from_weights(weights: Weights) -> nn.Module:
+    """The network a reslab checkpoint describes, with exactly its weights, in eval mode.
+
+    Unlike :func:`load_pretrained` nothing is adapted: the config must build
+    (:func:`checkpoint_config`: sized before anything is built) and every tensor must fit it (a
+    missing ``num_batches_tracked`` aside), else a ``ValueError`` names the file and what does
+    not fit. Foreign state dicts carry no architecture and are refused.
+    """
+    path = weights.path
+    config = checkpoint_config(weights)
+    net: nn.Module = DenseResNet(config) if isinstance(config, DenseConfig) else ResNet(config)
     target = net.state_dict()
     state = weights.state_dict
     missing = [k for k in target if k not in state and not k.endswith(_BN_COUNTER)]

@@ -31,6 +31,8 @@ from reslab.models.layers import (
     traced_for_script,
 )
 from reslab.models.ordered import OrderedBasicBlock, OrderedBottleneck
+from reslab.models.recompute import checkpoint_module
+from reslab.models.shortcuts import make_combine
 
 __all__ = ["BLOCKS", "ResNet", "default_cfg", "make_block"]
 
@@ -71,7 +73,9 @@ def make_block(
         norm_layer=None if preact else norm_layer,
         pad=config.shortcut_pad,
     )
-    kwargs: dict[str, Any] = {"shortcut": shortcut, "norm_layer": norm_layer}
+    # None for h(x) + F(x); a scaled or gated shortcut of He et al. 2016 Table 1 otherwise
+    combine = make_combine(config.combine, in_channels, width * block.expansion, stride)
+    kwargs: dict[str, Any] = {"shortcut": shortcut, "combine": combine, "norm_layer": norm_layer}
     if config.block == "bottleneck":
         kwargs["stride_in"] = config.stride_in
     if preact or explicit is None:
@@ -120,7 +124,7 @@ class ResNet(nn.Module):
     pre-activation, pooling, classifier); :class:`~reslab.models.features.FeatureListNet`
     relies on it. timm's model interface: ``forward_features``, ``forward_head``,
     ``reset_classifier``, ``get_classifier``, ``num_classes``, ``num_features``,
-    ``feature_info`` and ``pretrained_cfg`` (alias ``default_cfg``).
+    ``feature_info``, ``pretrained_cfg`` (alias ``default_cfg``) and ``set_grad_checkpointing``.
     """
 
     def __init__(self, config: ResNetConfig) -> None:
@@ -165,6 +169,7 @@ class ResNet(nn.Module):
         self.fc: nn.Module = self._classifier(config.num_classes)
 
         self.num_classes = config.num_classes
+        self.grad_checkpointing = False  # set_grad_checkpointing
         self.feature_info = FeatureInfo(levels, range(len(levels)))
         self.pretrained_cfg = default_cfg(config)
         self.default_cfg = self.pretrained_cfg  # timm's older name for the same dict
@@ -202,8 +207,13 @@ class ResNet(nn.Module):
         """The feature map before global pooling (after the final pre-activation, if any)."""
         check_input(x, self.config.in_channels)
         x = self.maxpool(self.stem(x))
-        for name in self.stage_names:
-            x = getattr(self, name)(x)
+        # not while torch.fx traces: the graph is the plain forward, recomputation is runtime
+        if self.grad_checkpointing and torch.is_grad_enabled() and not isinstance(x, fx.Proxy):
+            for unit in self.units():
+                x = checkpoint_module(unit, x)
+        else:
+            for name in self.stage_names:
+                x = getattr(self, name)(x)
         return self.final(x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -213,6 +223,16 @@ class ResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+    # -- memory ---------------------------------------------------------------------------------
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Keep only each residual unit's input for the backward pass and recompute the rest
+        there (timm's switch of the same name): activation memory falls from every layer's
+        outputs to one tensor per unit, for about one more forward pass of compute. Gradients,
+        parameters and BN statistics stay exactly those of an ordinary step
+        (:func:`~reslab.models.recompute.checkpoint_module`). Only while gradients are enabled;
+        evaluation under ``torch.no_grad`` runs the ordinary forward."""
+        self.grad_checkpointing = enable
 
     # -- classifier -----------------------------------------------------------------------------
     def _classifier(self, num_classes: int) -> nn.Module:

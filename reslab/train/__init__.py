@@ -1,32 +1,32 @@
 """Training: the paper's CIFAR protocol and a fast CPU recipe, with exact resume and DDP."""
 
-from reslab.train.batches import InMemoryBatches, TrainingBatches
+from reslab.train.captured import TrainStep
 from reslab.train.config import PRESETS, TrainConfig
+from reslab.train.ensemble import evaluate_ensemble
 from reslab.train.evaluation import evaluate
 from reslab.train.loop import FitResult, TrainingInterrupted, fit
-from reslab.train.packed import MemberBatches, MemberState, PackedSGD, packed_train_step
-from reslab.train.schedule import learning_rate, train_resolution
+from reslab.train.packed import MemberBatches, MemberState, PackedSGD
+from reslab.train.schedule import learning_rate, train_resolution, train_size
 from reslab.train.setup import resolve_device
 from reslab.train.state import RunState
-from reslab.train.step import NonFiniteLossError, train_step
+from reslab.train.step import NonFiniteLossError
 
 __all__ = [
     "PRESETS",
     "FitResult",
-    "InMemoryBatches",
     "MemberBatches",
     "MemberState",
     "NonFiniteLossError",
     "PackedSGD",
     "RunState",
     "TrainConfig",
-    "TrainingBatches",
+    "TrainStep",
     "TrainingInterrupted",
     "evaluate",
+    "evaluate_ensemble",
     "fit",
     "learning_rate",
-    "packed_train_step",
     "resolve_device",
     "train_resolution",
-    "train_step",
+    "train_size",
 ]

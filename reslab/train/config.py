@@ -1,10 +1,13 @@
-"""The training recipe as one frozen dataclass; presets ``paper``, ``fast`` and ``digits``."""
+"""The training recipe as one frozen dataclass; presets ``paper``, ``fast``, ``digits`` and
+``imagenet``."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
+
+from reslab.data.training import AUGMENTS
 
 __all__ = ["PRESETS", "TrainConfig"]
 
@@ -13,6 +16,8 @@ WARMUPS = ("none", "error", "auto")
 PRECISIONS = ("fp32", "bf16", "fp16")
 NORMALIZE = ("pixel", "channel")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: torch.compile modes that replay forward and backward as CUDA graphs themselves
+GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 DEVICES = ("auto", "cpu", "cuda")  # and "cuda:N" for one GPU of several
 
 
@@ -47,23 +52,36 @@ class TrainConfig:
     warmup_error: float = 0.8  # fraction of the batch misclassified ("below 80%")
     warmup_fraction: float = 0.0  # onecycle: share of the run rising linearly from 0 to lr
     # -- data
-    augment: bool = True  # pad + random crop + horizontal flip (He et al. 2015, §4.2)
-    pad: int = 4  # pixels of zero padding on each side before the crop
+    augment: bool = True  # False: no augmentation at all (the evaluation view)
+    # "cifar": pad + random crop + horizontal flip (He et al. 2015, §4.2); "photo":
+    # RandomResizedCrop + flip; "imagenet": shorter side in [256, 480], 224 crop, flip, PCA colour
+    # noise (§3.4); "auto": "cifar" for inputs up to 96 px, "photo" above (reslab.data.training)
+    augmentation: str = "auto"
+    pad: int = 4  # pixels of zero padding on each side before the crop ("cifar")
     flip: bool = True  # horizontal mirror with probability 1/2
     normalize: str = "pixel"  # "pixel": subtract the per-pixel mean (paper); "channel": mean/std
     # progressive resizing (fast.ai DAWNBench 2018; Touvron et al. 2019 "FixRes"): (fraction of
     # the run, side in pixels) pairs; from each fraction on, training batches are resized to that
-    # side. () = always the data's own size. Convolution cost falls with the pixel count.
+    # side. The sides are relative to the last one, which stands for the data's own input size:
+    # (16, 24, 32) trains 32-px data at 16, 24, 32 px and 224-px data at 112, 168, 224 px.
+    # () = always the data's own size. Convolution cost falls with the pixel count.
     resolutions: tuple[tuple[float, int], ...] = ()
     eval_flip: bool = False  # evaluate on the image and its mirror, averaging the two softmaxes
     # -- numerics and speed
     precision: str = "fp32"  # "bf16"/"fp16": autocast of forward and loss; weights stay fp32
     channels_last: bool = False  # NHWC memory layout (faster convolutions on CPU and tensor cores)
     compile: bool = False  # torch.compile the model
+    # recompute each residual unit's activations in the backward pass instead of storing them
+    # (model.set_grad_checkpointing): for very deep nets such as ResNet-1001; same gradients
+    grad_checkpointing: bool = False
     # torch.compile's mode: "reduce-overhead" replays the compiled forward and backward as CUDA
     # graphs, which is what a small CIFAR network needs on a GPU, where eager steps are bound by
     # the CPU launching hundreds of tiny kernels (docs/results.md)
     compile_mode: str = "default"
+    # the whole training step (forward, backward, SGD update, bookkeeping) captured once as a
+    # CUDA graph and replayed every step (reslab.train.captured); on a CPU the same step runs
+    # eagerly. Excludes compile_mode's own graphs (reduce-overhead, max-autotune).
+    cuda_graphs: bool = False
     device: str = "auto"  # "auto" (cuda when present), "cpu", "cuda"
     sync_bn: bool = False  # DDP: BatchNorm statistics over the global batch
     threads: int | None = None  # CPU threads per process (torch.set_num_threads); None: torch's
@@ -82,6 +100,13 @@ class TrainConfig:
         _check("precision", self.precision, PRECISIONS)
         _check("normalize", self.normalize, NORMALIZE)
         _check("compile_mode", self.compile_mode, COMPILE_MODES)
+        _check("augmentation", self.augmentation, AUGMENTS)
+        if self.cuda_graphs and self.compile and self.compile_mode in GRAPH_COMPILE_MODES:
+            raise ValueError(
+                f"cuda_graphs captures the whole step itself; compile_mode {self.compile_mode!r} "
+                "captures forward and backward as graphs of its own: use one of them (with "
+                "cuda_graphs, compile_mode 'default' or 'max-autotune-no-cudagraphs')"
+            )
         if self.iters is None and self.epochs is None:
             raise ValueError("set iters or epochs")
         if self.batch_size < 1 or (self.iters is not None and self.iters < 1):
@@ -98,10 +123,14 @@ class TrainConfig:
 
     def total_steps(self, train_size: int) -> int:
         """Optimiser steps of the whole run for a training split of ``train_size`` images."""
+        return self.run_steps(self.steps_per_epoch(train_size))
+
+    def run_steps(self, steps_per_epoch: int) -> int:
+        """Optimiser steps of the whole run when one epoch is ``steps_per_epoch`` steps."""
         if self.iters is not None:
             return self.iters
         assert self.epochs is not None
-        return max(1, round(self.epochs * self.steps_per_epoch(train_size)))
+        return max(1, round(self.epochs * steps_per_epoch))
 
     def steps_per_epoch(self, train_size: int) -> int:
         """Full batches per pass; the last partial batch is dropped (a new permutation follows)."""
@@ -164,6 +193,25 @@ PRESETS: dict[str, dict[str, Any]] = {
         "compile": False,  # on top of channels_last it gained nothing at 2 threads; costs ~1 min
         "eval_every": 1000,  # 3 evaluations of val + test on the way (~15 s each)
         "eval_test": True,
+    },
+    # He et al. 2015, §3.4 (ImageNet): "SGD with a mini-batch size of 256. The learning rate
+    # starts from 0.1 and is divided by 10 when the error plateaus, and the models are trained for
+    # up to 60 x 10^4 iterations. We use a weight decay of 0.0001 and a momentum of 0.9." The
+    # plateaus become fixed milestones at 150k, 300k and 450k iterations: epochs 30, 60 and 90 at
+    # 5,005 iterations per epoch of 1.28M images, where the paper's Fig. 4 curves drop, and the
+    # schedule of the Torch re-implementation (fb.resnet.torch) the paper points to; 600k
+    # iterations are ~120 epochs. Augmentation: shorter side random in [256, 480], a random 224
+    # crop, flip, per-pixel mean subtracted, AlexNet's PCA colour noise; no warm-up.
+    "imagenet": {
+        "iters": 600_000,
+        "batch_size": 256,
+        "lr": 0.1,
+        "milestones": (0.25, 0.5, 0.75),
+        "warmup": "none",
+        "augmentation": "imagenet",
+        "normalize": "pixel",
+        "eval_every": 5000,  # ~1 epoch
+        "eval_batch_size": 256,
     },
     # The default job: a small CIFAR-style ResNet on the 8x8 scikit-learn digits, ~1 min on a CPU.
     "digits": {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from reslab.train.config import TrainConfig
 
-__all__ = ["learning_rate", "train_resolution", "wants_warmup"]
+__all__ = ["learning_rate", "train_resolution", "train_size", "wants_warmup"]
 
 
 def wants_warmup(cfg: TrainConfig, depth: int | None) -> bool:
@@ -49,3 +49,23 @@ def train_resolution(step: int, total_steps: int, cfg: TrainConfig) -> int | Non
         if step >= round(fraction * total_steps):
             side = s
     return side
+
+
+def train_size(
+    step: int, total_steps: int, cfg: TrainConfig, size: tuple[int, int]
+) -> tuple[int, int] | None:
+    """(H, W) that training batches of ``size`` (the data's input size) are resized to at
+    ``step`` (``None``: unchanged).
+
+    ``cfg.resolutions``' sides are relative to its last one, which stands for the data's own
+    size: the ``fast`` recipe's 16/24/32 px trains 32-px CIFAR at 16, 24 and 32 px, 8-px digits
+    at 4, 6 and 8 px and 224-px photos at 112, 168 and 224 px, always ending at the size it is
+    evaluated at. (Applied as absolute pixels, 16/24/32 would shrink photos to 32 px and then
+    evaluate them at 224, or blow digits up four times.)
+    """
+    side = train_resolution(step, total_steps, cfg)
+    if side is None:
+        return None
+    last = cfg.resolutions[-1][1]
+    new = (max(1, round(size[0] * side / last)), max(1, round(size[1] * side / last)))
+    return None if new == tuple(size) else new

@@ -3,18 +3,36 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from reslab.train.batches import TrainingBatches
-from reslab.train.step import StepStats
+from reslab.data.feed import TrainingBatches
+from reslab.train.captured import StepReport
+from reslab.train.members import WARMUP_WINDOW
 
-__all__ = ["WARMUP_WINDOW", "RunState", "Window"]
+__all__ = ["WARMUP_WINDOW", "RunState", "Window", "rng_state", "set_rng_state"]
 
-WARMUP_WINDOW = 10  # batches averaged when deciding that training error fell below warmup_error
+
+def rng_state() -> dict[str, Any]:
+    """torch's global random states (CPU and every CUDA device), for a checkpoint."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(rng: dict[str, Any]) -> None:
+    """The inverse of :func:`rng_state`."""
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        # the devices both machines have: a checkpoint from one with more visible GPUs must
+        # resume on one with fewer (set_rng_state_all would index past the last device)
+        for index, state in enumerate(rng["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, index)
 
 
 @dataclass
@@ -40,11 +58,13 @@ class RunState:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    batches: TrainingBatches
-    generator: torch.Generator  # data order and augmentation (the batches draw from it)
-    warming: bool = False  # He et al. 2015 §4.2's warm-up at warmup_lr is on
+    batches: TrainingBatches  # data order and augmentation: a function of seed and position
+    # He et al. 2015 §4.2's warm-up at warmup_lr is on, and the errors of the last WARMUP_WINDOW
+    # steps: decided on the device step by step (reslab.train.members.MemberState), copied here
+    # when a checkpoint is taken and back when one is loaded
+    warming: bool = False
     step: int = 0  # optimiser steps done
-    recent_errors: list[float] = field(default_factory=list)  # the last WARMUP_WINDOW errors
+    recent_errors: list[float] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per evaluation
     losses: list[float] = field(default_factory=list)  # the loss of every step
     window: Window = field(default_factory=Window)
@@ -52,19 +72,17 @@ class RunState:
     train_seconds: float = 0.0  # time in training steps (evaluation excluded)
     images: int = 0  # training images processed, all ranks
 
-    def record_step(self, stats: StepStats, seconds: float, *, warmup_error: float) -> None:
-        """Count one finished optimiser step; end the warm-up once the mean error of the last
-        WARMUP_WINDOW batches is below ``warmup_error`` ("then go back to 0.1")."""
-        self.step += 1
-        self.losses.append(stats.loss)
-        self.images += stats.images
+    def absorb(self, report: StepReport, seconds: float, *, member: int = 0) -> None:
+        """Count the steps of ``report`` (member ``member``'s numbers; read from the device at an
+        evaluation, checkpoint or log point) and the ``seconds`` they took."""
+        for loss, error, images in zip(
+            (row[member] for row in report.losses), report.errors(member), report.images,
+            strict=True,
+        ):  # fmt: skip
+            self.losses.append(loss)
+            self.images += images
+            self.window.add(loss, error)
         self.train_seconds += seconds
-        self.window.add(stats.loss, stats.error)
-        if self.warming:
-            self.recent_errors = [*self.recent_errors[-WARMUP_WINDOW + 1 :], stats.error]
-            full = len(self.recent_errors) == WARMUP_WINDOW
-            if full and sum(self.recent_errors) / WARMUP_WINDOW < warmup_error:
-                self.warming = False
 
     def close_window(self, *, lr: float, steps_per_epoch: int) -> dict[str, Any]:
         """The training half of an evaluation record (means over the steps since the last one);
@@ -92,6 +110,14 @@ class RunState:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
+            **self.progress_state(),
+            "rng": rng_state(),
+        }
+
+    def progress_state(self) -> dict[str, Any]:
+        """What the run has done, apart from the weights, optimiser and random states: the step,
+        the data's position, the warm-up state, the history, losses and counters."""
+        return {
             "step": self.step,
             "batches": self.batches.state_dict(),
             "warming": self.warming,
@@ -102,11 +128,6 @@ class RunState:
             "best_val": self.best_val,
             "train_seconds": self.train_seconds,
             "images": self.images,
-            "rng": {
-                "data": self.generator.get_state(),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -114,8 +135,13 @@ class RunState:
         self.optimizer.load_state_dict(state["optimizer"])
         if state["scaler"]:  # empty: the disabled scaler of an fp32 run; fp16 starts a new scale
             self.scaler.load_state_dict(state["scaler"])
+        self.load_progress_state(state)
+        set_rng_state(state["rng"])
+
+    def load_progress_state(self, state: dict[str, Any]) -> None:
+        """The inverse of :meth:`progress_state`."""
         self.step = int(state["step"])
-        self.batches.load_state_dict(state["batches"])
+        self._load_position(state.get("batches"))
         self.warming = bool(state["warming"])
         self.recent_errors = list(state["recent_errors"])
         self.history = list(state["history"])
@@ -125,11 +151,19 @@ class RunState:
         self.best_val = float(state["best_val"])
         self.train_seconds = float(state["train_seconds"])
         self.images = int(state["images"])
-        rng = state["rng"]
-        self.generator.set_state(rng["data"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            # the devices both machines have: a checkpoint from one with more visible GPUs must
-            # resume on one with fewer (set_rng_state_all would index past the last device)
-            for index, state_ in enumerate(rng["cuda"][: torch.cuda.device_count()]):
-                torch.cuda.set_rng_state(state_, index)
+
+    def _load_position(self, position: dict[str, Any] | None) -> None:
+        """The training data's position; a checkpoint of format 1 or 2 holds the permutation of
+        the data order reslab drew then from a generator instead, which these batches do not
+        use: the run continues at the same step, with this version's data order."""
+        if position is not None and "epoch" in position:
+            self.batches.load_state_dict(position)
+            return
+        self.batches.seek(self.step)
+        warnings.warn(
+            f"the checkpoint (format 1 or 2) holds the data order of an older reslab: training "
+            f"continues at step {self.step} with the weights, optimiser and schedule as saved, "
+            "but the images of the remaining steps are drawn in this version's order, not the "
+            "one the older version would have drawn",
+            stacklevel=3,
+        )

@@ -8,7 +8,6 @@ then the network is trained on the new data, usually for far fewer steps than fr
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,9 +15,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from reslab.data.augment import Normalize
 from reslab.models import DenseConfig, ResNetConfig, build_model, get_config
-from reslab.models.pretrained import LoadReport, architecture_overrides, load_pretrained
+from reslab.models.pretrained import (
+    LoadReport,
+    architecture_overrides,
+    checkpoint_config,
+    load_pretrained,
+)
+from reslab.models.sizing import check_buildable
 from reslab.models.weights import cifar_resnet_name, read_weights
+from reslab.train.checkpoint import check_format_version
 from reslab.transfer.freeze import (
     NONE,
     check_freeze_point,
@@ -27,7 +34,14 @@ from reslab.transfer.freeze import (
     unfreeze_schedule,
 )
 
-__all__ = ["FinetuneOptions", "finetune", "pretrained_model", "resume_finetune"]
+__all__ = [
+    "FinetuneOptions",
+    "finetune",
+    "pretrained_model",
+    "resume_finetune",
+    "source_input",
+    "source_normalization",
+]
 
 NEW_MODULES = ("fc",)  # trained at the full learning rate: the (replaced) classifier
 
@@ -81,16 +95,18 @@ def pretrained_model(
         else:
             config = get_config(model, **new, **architecture_overrides(weights, config))
     elif weights.format == "reslab":
-        if weights.meta.get("model_kind", "resnet") == "dense":
-            config = DenseConfig.from_dict(weights.meta["model_config"])
+        check_format_version(weights.meta, weights.path)
+        config = checkpoint_config(weights)  # parsed and sized before anything is built
+        if isinstance(config, DenseConfig):
             config = _dense_config(config, path, in_channels, image_size, num_classes, True)
         else:
-            config = ResNetConfig.from_dict({**weights.meta["model_config"], **new})
+            config = dataclasses.replace(config, **new)
     else:
         raise ValueError(
             f"{path} is a {weights.format} state dict without an architecture: name the "
             "registered model it fits (e.g. --model resnet50, or preact_resnet50 for timm resnetv2)"
         )
+    check_buildable(config, source=f"the network for {path}")
     net = build_model(config)
     return net, load_pretrained(net, weights)  # the file read above, not a second time
 
@@ -117,6 +133,50 @@ def _dense_config(
     return dataclasses.replace(config, widths=widths, num_classes=num_classes)
 
 
+def source_input(path: str | Path, model: str | None = None) -> dict[str, Any] | None:
+    """The input the weights in ``path`` were trained on, as timm's ``default_cfg`` keys
+    (``input_size``, ``crop_pct``, ``interpolation``, ``mean``, ``std``): a reslab checkpoint's
+    own input config, else the registered ``model``'s (ImageNet's for the ImageNet ResNets,
+    which torchvision and timm files are), else its architecture's; None for dense networks.
+    Fine-tuning takes its input size and evaluation view from here unless told otherwise."""
+    from reslab.models.resnet import default_cfg
+
+    weights = None if model is not None else read_weights(path)
+    model = model or (cifar_resnet_name(weights) if weights is not None else None)
+    if model is not None:
+        config = get_config(model)
+        return default_cfg(config) if isinstance(config, ResNetConfig) else None
+    assert weights is not None
+    meta = weights.meta
+    saved: dict[str, Any] | None = meta.get("input_config")
+    if saved is not None:
+        h, w = saved["size"]
+        return {
+            "input_size": (saved["channels"], h, w),
+            "crop_pct": min(h, w) / saved["resize"] if saved.get("resize") else 1.0,
+            "crop_mode": "squash" if saved.get("resize") is None else "center",
+            "interpolation": saved["interpolation"],
+            "mean": tuple(saved["mean"]),
+            "std": tuple(saved["std"]),
+        }
+    if meta.get("model_kind", "resnet") == "resnet" and "model_config" in meta:
+        return default_cfg(ResNetConfig.from_dict(meta["model_config"]))
+    return None
+
+
+def source_normalization(net: nn.Module, report: LoadReport) -> Normalize | None:
+    """How inputs are normalised for fine-tuning: a torchvision or timm network with the mean and
+    std its weights were trained with (its ``pretrained_cfg``, ImageNet's), since the pretrained
+    first layer expects them; None (the new data's own statistics, as training from scratch) for
+    reslab checkpoints, whose statistics were fitted to their own data, and dense networks."""
+    cfg = getattr(net, "pretrained_cfg", None)
+    if report.format == "reslab" or cfg is None:
+        return None
+    shape = (len(cfg["mean"]), 1, 1)
+    mean, std = torch.tensor(cfg["mean"]).view(shape), torch.tensor(cfg["std"]).view(shape)
+    return Normalize("channel", mean, std)
+
+
 def finetune(
     path: str | Path,
     splits: Any,
@@ -127,19 +187,25 @@ def finetune(
     model: str | None = None,
     run_info: dict[str, Any] | None = None,
     verbose: bool | None = None,
+    allow_nonempty: bool = False,
 ) -> Any:
-    """Fine-tune the weights in ``path`` on ``splits`` (a ``reslab.data.DataSplits``) with the
-    trainer config ``cfg``; returns ``reslab.train.fit``'s ``FitResult``. ``out_dir`` becomes the
-    same run folder ``reslab train`` writes, with the load report (and ``run_info``) in its
-    config.json."""
+    """Fine-tune the weights in ``path`` on ``splits`` (``reslab.data.DataSplits`` in memory, or
+    any ``reslab.data.training.TrainingData``) with the trainer config ``cfg``; returns
+    ``reslab.train.fit``'s ``FitResult``. ``out_dir`` becomes the same run folder ``reslab
+    train`` writes, with the load report (and ``run_info``) in its config.json. Inputs are
+    normalised as :func:`source_normalization` says. ``allow_nonempty``: see
+    :func:`reslab.train.fit`."""
+    from reslab.data.training import as_training_data
+
+    data = as_training_data(splits)
     torch.manual_seed(cfg.seed)  # the new head's initial weights, as `reslab train` seeds its own
     net, report = pretrained_model(
         path,
-        num_classes=splits.num_classes,
-        in_channels=splits.in_channels,
+        num_classes=data.num_classes,
+        in_channels=data.in_channels,
         model=model,
         sha256=options.sha256,
-        image_size=(int(splits.train.images.shape[-2]), int(splits.train.images.shape[-1])),
+        image_size=data.image_size,
     )
     # before fit writes config.json: a bad part must not leave a run folder behind
     if getattr(net, "stage_names", None) is None and options.freeze_until != NONE:
@@ -165,7 +231,9 @@ def finetune(
     }
     if verbose or (verbose is None and out_dir is not None):
         print(report, flush=True)
-    return _fit(net, splits, cfg, out_dir, info, resume=False, verbose=verbose)
+    norm = source_normalization(net, report)
+    return _fit(net, data, cfg, out_dir, info, resume=False, verbose=verbose, normalization=norm,
+                allow_nonempty=allow_nonempty)  # fmt: skip
 
 
 def resume_finetune(
@@ -183,9 +251,10 @@ def resume_finetune(
     validation split and seed) and ``cfg`` its trainer config. Returns ``fit``'s ``FitResult``.
     """
     from reslab.train.checkpoint import LATEST, load_model
+    from reslab.train.outputs import read_run_config
 
     run_dir = Path(run_dir)
-    saved = json.loads((run_dir / "config.json").read_text())
+    saved = read_run_config(run_dir)
     if "finetune" not in saved:
         raise ValueError(
             f"{run_dir} is not a fine-tuning run: continue it with "
@@ -205,6 +274,8 @@ def _fit(
     *,
     resume: bool,
     verbose: bool | None,
+    normalization: Normalize | None = None,
+    allow_nonempty: bool = False,
 ) -> Any:
     """``fit`` with the parameter groups and freeze schedule that ``info["finetune"]`` records,
     so a resumed run rebuilds exactly the optimiser and schedule of the first."""
@@ -226,6 +297,8 @@ def _fit(
         param_groups=groups,
         on_step=unfreeze_schedule(schedule),
         resume=resume,
+        allow_nonempty=allow_nonempty,
         run_info=info,
         verbose=verbose,
+        normalization=normalization,
     )
