@@ -46,6 +46,7 @@ import argparse
 import copy
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -58,15 +59,16 @@ from torch import Tensor, nn
 
 from reslab import create_model
 from reslab.data import load_data
+from reslab.data.presets import IMAGENET_MEAN, IMAGENET_STD, InputConfig
 from reslab.deploy import InferenceModel, fold_batchnorm, load_exported, load_trained
 from reslab.deploy.export import ExportOptions, export_model
 from reslab.deploy.quantize import compile_for_cpu
-from reslab.train.checkpoint import model_record
+from reslab.train.checkpoint import model_record, set_input
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_ZIP = ROOT / ".." / "shared" / "data" / "cifar10-jpeg.zip"
 MODELS = {"resnet18": 224, "resnet50": 224, "cifar_resnet20": 32, "cifar_resnet56": 32}
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CIFAR_MEAN, CIFAR_STD = (0.491, 0.482, 0.447), (0.247, 0.243, 0.262)
 FP32 = ("reslab eager", "reslab channels_last", "reslab BN-folded", "reslab compile")
 INT8 = ("int8 compile", "ONNX Runtime int8")
 PEERS = ("torchvision eager", "ONNX Runtime fp32")
@@ -111,24 +113,24 @@ def checkpoint_for(
     the ImageNet models, the torchvision twin whose weights it holds."""
     if name == "cifar_resnet20" and cifar_run is not None:
         return cifar_run, None
+    from torchvision.transforms.v2 import functional as TF
+
     torch.manual_seed(0)
     twin = None
     if name.startswith("resnet"):
         import torchvision
-        from torchvision.transforms.v2 import functional as TF
 
         twin = getattr(torchvision.models, name)()
         reestimate_bn(twin, TF.normalize(bn_images, list(IMAGENET_MEAN), list(IMAGENET_STD)))
         net = create_model(name, stride_in="3x3")  # torchvision's "v1.5" strides
         net.load_state_dict(twin.state_dict())
-        mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        cfg = InputConfig()  # torchvision's evaluation: resize 256, centre crop 224, ImageNet stats
     else:
         net = create_model(name)
-        mean, std = torch.tensor([0.491, 0.482, 0.447]), torch.tensor([0.247, 0.243, 0.262])
-        reestimate_bn(net, (bn_images - mean[:, None, None]) / std[:, None, None])
+        cfg = InputConfig(size=(32, 32), resize=None, mean=CIFAR_MEAN, std=CIFAR_STD)
+        reestimate_bn(net, TF.normalize(bn_images, list(CIFAR_MEAN), list(CIFAR_STD)))
+    set_input(net, cfg)  # the checkpoint carries its input config, as a run's does (format 3)
     record = model_record(net)
-    record["normalization"] = {"mode": "channel", "mean": mean[:, None, None],
-                               "std": std[:, None, None]}  # fmt: skip
     path = folder / f"{name}.pt"
     torch.save({**record, "classes": [str(i) for i in range(net.config.num_classes)],
                 "step": 0, "train_config": {}}, path)  # fmt: skip
@@ -160,8 +162,8 @@ def build_paths(
 ) -> tuple[dict[str, Fn], dict[str, Any]]:
     """Every path of one model, and what the exports reported (their own parity checks).
     ``data``: int8 calibration images (``None``: the run's own training split)."""
-    side = None if size == 32 else size
-    trained = load_trained(ckpt, image_size=side)
+    # the side is given: a run from before checkpoints carried their input (format 1-2) needs it
+    trained = load_trained(ckpt, image_size=size)
     spec = trained.spec
     model = InferenceModel(trained.net, spec, "float").eval()
     example = torch.rand(2, 3, size, size)
@@ -185,12 +187,12 @@ def build_paths(
 
     checks: dict[str, Any] = {}
     log("  export ONNX fp32")
-    onnx32 = export_model(ckpt, folder / f"{ckpt.stem}-{size}.onnx", ExportOptions(image_size=side))
+    onnx32 = export_model(ckpt, folder / f"{ckpt.stem}-{size}.onnx", ExportOptions(image_size=size))
     checks["onnx fp32 max |logit diff|"] = onnx32.max_abs_diff
     paths["ONNX Runtime fp32"] = load_exported(onnx32.path).run_graph
     for fmt in ("pt2", "onnx"):
         log(f"  int8: calibrate on {calibration} training images, export .{fmt}")
-        options = ExportOptions(fmt, int8=True, data=data, image_size=side,
+        options = ExportOptions(fmt, int8=True, data=data, image_size=size,
                                 calibration_images=calibration, check_images=64)  # fmt: skip
         result = export_model(ckpt, folder / f"{ckpt.stem}-{size}-int8.{fmt}", options)
         checks[f"{fmt} int8 top-1 agreement ({result.check_images} images)"] = result.top1_agreement
@@ -362,10 +364,7 @@ def main() -> None:
     load_start = load()
     with tempfile.TemporaryDirectory() as tmp:
         results = {name: bench_model(name, args, Path(tmp), log) for name in args.models}
-    command = "PYTHONPATH=. python benchmarks/inference.py" + " ".join(
-        ["", *(["--quick"] if args.quick else [])]
-        + ([f"--cifar-run {args.cifar_run}"] if args.cifar_run else [])
-    )
+    command = " ".join(["PYTHONPATH=. python benchmarks/inference.py", *sys.argv[1:]])
     write_result(
         args.out,
         {
