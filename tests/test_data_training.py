@@ -459,3 +459,39 @@ def test_predict_agrees_with_eval_on_a_streamed_photo_run(photos: Path, tmp_path
     assert [["cats", "dogs"].index(f.parent.name) for f in files] == labels
     top = [t[0][0] for _, t in predict_files(run / LATEST, files, topk=1)]
     assert [["cats", "dogs"].index(c) for c in top] == preds
+
+
+CIFAR_ZIP = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpeg.zip"
+
+
+def test_predict_agrees_with_eval_on_a_cifar10_run(tmp_path: Path) -> None:
+    """Real CIFAR-10 JPEGs (20 training and 10 test images of each class, from the zip), a
+    cifar_resnet20 run on them in memory at their own 32 px: predict on the test files answers
+    eval's class on every one."""
+    import zipfile
+
+    from reslab.transfer.predict import predict_files
+
+    if not CIFAR_ZIP.is_file():
+        pytest.skip(f"needs the CIFAR-10 JPEG zip (cifar10-jpeg.zip) at {CIFAR_ZIP}")
+    root = tmp_path / "cifar"
+    with zipfile.ZipFile(CIFAR_ZIP) as z:
+        names = sorted(n for n in z.namelist() if n.endswith(".jpg"))
+        for split, per_class in (("train", 20), ("test", 10)):
+            taken: dict[str, int] = {}
+            for n in names:
+                _, s, c, _ = n.split("/")
+                if s == split and taken.get(c, 0) < per_class:
+                    taken[c] = taken.get(c, 0) + 1
+                    (root / s / c).mkdir(parents=True, exist_ok=True)
+                    (root / s / c / Path(n).name).write_bytes(z.read(n))
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(root), "--loader", "memory", "--iters", "8", "--batch-size",
+            "32", "--val-size", "20", "--out", str(run)]  # fmt: skip
+    assert main(argv) == 0
+    preds, labels = _eval_predictions(run)
+    classes = sorted(p.name for p in (root / "test").iterdir())
+    files = sorted((root / "test").rglob("*.jpg"))  # the index's order: class, then name
+    assert [classes.index(f.parent.name) for f in files] == labels
+    top = [t[0][0] for _, t in predict_files(run / LATEST, files, topk=1)]
+    assert [classes.index(c) for c in top] == preds

@@ -19,6 +19,7 @@ from reslab.cli import main
 from reslab.data import InputConfig, Normalize
 from reslab.deploy import InferenceModel, InputSpec, fold_batchnorm, input_spec, load_trained
 from reslab.deploy.export import ExportOptions, ExportResult, export_model
+from reslab.models.shortcuts import COMBINES
 from reslab.train.checkpoint import model_record
 
 CIFAR_ZIP = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpeg.zip"
@@ -136,6 +137,14 @@ def test_input_spec_from_the_checkpoint() -> None:
         # pre-activations stay, except the first unit's, which reads the stem conv's output
         ("cifar_preact_resnet110", {"layers": (1, 1, 1)}, 3),
         ("cifar_preact_resnet164", {"layers": (1, 1, 1)}, 3),
+        # He et al. 2016 Table 1's variants: a gate's 1x1 conv has no BN (nothing to fold, its
+        # bias kept), option C's projection BN folds, the scalings and dropout hold no weights
+        *[
+            ("cifar_resnet20", {"layers": (1, 1, 1), "combine": key}, 0)
+            for key in sorted(COMBINES)
+            if key != "add"
+        ],
+        ("cifar_resnet20", {"layers": (1, 1, 1), "shortcut": "C"}, 0),
     ],
 )
 def test_fold_batchnorm_keeps_the_outputs(name: str, overrides: dict, left: int) -> None:

@@ -20,6 +20,7 @@ from reslab.models import (
     get_config,
     list_models,
 )
+from reslab.models.shortcuts import COMBINES
 
 CONV = [n for n in list_models() if not n.startswith("dense")]
 HUGE = ("cifar_preact_resnet1001", "cifar_resnet1202")  # the same blocks as 164 / 110, deeper
@@ -57,14 +58,32 @@ def _stage_outputs(model: ResNet, x: Tensor) -> tuple[Tensor, list[Tensor]]:
 
 @pytest.mark.parametrize("name", CONV_PARAMS)
 def test_feature_levels_of_every_conv_model(name: str) -> None:
-    """features_only, torchvision's create_feature_extractor (torch.fx) and the stage outputs of
-    forward_features agree exactly; shapes match feature_info's channels and reductions; the fx
-    graph computes the eager model; reset_classifier(0) leaves the pooled features.
-
-    In training mode: at initialisation BN's running statistics are the identity, and in eval
+    """In training mode: at initialisation BN's running statistics are the identity, and in eval
     mode a 1001-layer pre-activation net's identity path overflows (each unit adds variance)."""
     torch.manual_seed(0)
-    model = create_model(name).train()
+    _check_feature_levels(create_model(name).train())
+
+
+#: He et al. 2016 Table 1's shortcut variants (every ``combine`` and option C) on a small net
+VARIANTS = [
+    *[{"combine": key} for key in sorted(COMBINES) if key != "add"],
+    {"shortcut": "C"},
+]
+
+
+@pytest.mark.parametrize("overrides", VARIANTS, ids=lambda o: "-".join(o.values()))
+def test_feature_levels_of_every_shortcut_variant(overrides: dict) -> None:
+    """The gates read the unit's input beside the branch: fx and the feature extractor trace
+    them as the eager forward runs them. In eval mode, where the dropout shortcut is fixed."""
+    torch.manual_seed(0)
+    _check_feature_levels(create_model("cifar_resnet20", layers=(1, 1, 1), **overrides).eval())
+
+
+def _check_feature_levels(model: nn.Module) -> None:
+    """features_only, torchvision's create_feature_extractor (torch.fx) and the stage outputs of
+    forward_features agree exactly; shapes match feature_info's channels and reductions; the fx
+    graph computes the eager model; reset_classifier(0) leaves the pooled features."""
+    assert isinstance(model, ResNet)
     x = _input(model)
     info = model.feature_info
     with torch.no_grad():
@@ -225,7 +244,12 @@ EXPORTED = [
     ("cifar_preact_resnet164", {"layers": (1, 1, 1)}),
     ("cifar_resnet20", {"ordering": "bn_after_add", "layers": (1, 1, 1)}),
     ("cifar_resnet20", {"ordering": "relu_preact", "block": "bottleneck", "layers": (1, 1, 1)}),
-    ("cifar_resnet20", {"combine": "exclusive_gate", "layers": (1, 1, 1)}),  # He et al. 2016 T. 1
+    # He et al. 2016 Table 1: a gate, the two constant scalings, option C on every unit, dropout
+    ("cifar_resnet20", {"combine": "exclusive_gate", "layers": (1, 1, 1)}),
+    ("cifar_resnet20", {"combine": "shortcut_gate", "layers": (1, 1, 1)}),
+    ("cifar_resnet20", {"combine": "scale", "layers": (1, 1, 1)}),
+    ("cifar_resnet20", {"combine": "scale_shortcut", "layers": (1, 1, 1)}),
+    ("cifar_resnet20", {"shortcut": "C", "layers": (1, 1, 1)}),
     ("cifar_preact_resnet164", {"combine": "dropout", "layers": (1, 1, 1)}),
     ("dense_resnet10", {}),
 ]

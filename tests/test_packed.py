@@ -285,6 +285,7 @@ def test_packed_forward_and_gradients_equal_the_members(net: str) -> None:
         ("resnet20_A", {}),  # the paper's recipe
         ("preact_B", {"nesterov": True, "decay_all": False, "label_smoothing": 0.1}),
         ("preact_bottleneck_3x3", {"channels_last": True, "weight_decay": 5e-3}),
+        ("exclusive_gate", {}),  # He et al. 2016 Table 1: each member's gate and b_g its own
     ],
 )
 def test_packed_training_equals_separate_runs(splits, net: str, overrides: dict) -> None:

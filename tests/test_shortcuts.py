@@ -184,6 +184,7 @@ def test_resnet110_parameter_count_of_every_variant(key: str) -> None:
     """Table 1's net, ResNet-110 (1.7M parameters, He et al. 2015 Table 6), for each variant."""
     assert set(EXTRA) == set(VARIANTS)
     model, new = variant_net(key, 110)
+    assert (model.config.block, model.config.ordering) == ("basic", "original")  # post-activation
     count = sum(p.numel() for p in model.parameters())
     assert count == _expected_parameters(110, EXTRA[key])
     assert round(_expected_parameters(110, _no_extra) / 1e5) == 17
@@ -209,6 +210,7 @@ def test_every_variant_trains(key: str) -> None:
             assert all(params[n].grad is not None and params[n].grad.abs().sum() > 0 for n in own)
         opt.step()
         losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses), losses
     # exclusive gating learns slowest: b_g = -6 scales F by ~0.0025 (the paper's point)
     assert sum(losses[-3:]) / 3 < 0.95 * sum(losses[:3]) / 3, losses
 
