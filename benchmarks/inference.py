@@ -132,8 +132,8 @@ def checkpoint_for(
     set_input(net, cfg)  # the checkpoint carries its input config, as a run's does (format 3)
     record = model_record(net)
     path = folder / f"{name}.pt"
-    torch.save({**record, "classes": [str(i) for i in range(net.config.num_classes)],
-                "step": 0, "train_config": {}}, path)  # fmt: skip
+    classes = [str(i) for i in range(record["model_config"]["num_classes"])]
+    torch.save({**record, "classes": classes, "step": 0, "train_config": {}}, path)
     return path, twin
 
 
