@@ -71,19 +71,23 @@ def quantize_int8(
     return converted
 
 
-def compile_for_cpu(model: nn.Module) -> Callable[[Tensor], Tensor]:
+def compile_for_cpu(model: nn.Module, *, cpp_wrapper: bool = True) -> Callable[[Tensor], Tensor]:
     """``torch.compile`` (static shapes: one graph per batch size) with Inductor's freezing,
     which constant-folds the weights and turns quantised patterns into oneDNN int8 kernels
     (without freezing an int8 graph runs its quantise/dequantise steps in float). Freezing is
     switched on around each call rather than globally; passing it as ``options=`` does not
-    reach the int8 weight prepacking (torch 2.14 fails on ``onednn.qconv_prepack``)."""
+    reach the int8 weight prepacking (torch 2.14 fails on ``onednn.qconv_prepack``).
+
+    ``cpp_wrapper``: Inductor calls the kernels from generated C++ rather than Python. A small
+    network at batch 1 spends much of its time in that per-call overhead (ResNet-20 on one
+    core: 10-25 % more images/s, fp32 and int8); the price is a C++ build at compilation."""
     import torch._inductor.config as inductor_config
 
     compiled = torch.compile(model, dynamic=False)
 
     @torch.no_grad()
     def run(x: Tensor) -> Tensor:
-        with inductor_config.patch(freezing=True):
+        with inductor_config.patch(freezing=True, cpp_wrapper=cpp_wrapper):
             return compiled(x)
 
     return run
