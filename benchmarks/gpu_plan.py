@@ -188,16 +188,23 @@ class Runner(Protocol):
 
 
 @dataclass
-class PackedRunner:
-    """A job's unfinished seeds as one seed-packed network in one subprocess, as ``reslab train
-    MODEL --seeds S ...`` trains them (with the job's model options, e.g. an ordering): the
-    folder ``JOB-seeds-S-...`` holds the packed run and its members' run folders ``seed-S``."""
+class _Runner:
+    """What both runners are given: the data, the device and threads of each training process,
+    an iteration override (None: the recipe's 64k) and trainer options (e.g. cuda_graphs=True)."""
 
     data: str
     device: str = "cuda"
     threads: int = 2
-    iters: int | None = None  # None: the recipe's 64k
-    train_options: dict[str, Any] = field(default_factory=dict)  # e.g. cuda_graphs=True
+    iters: int | None = None
+    train_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PackedRunner(_Runner):
+    """A job's unfinished seeds as one seed-packed network in one subprocess, as ``reslab train
+    MODEL --seeds S ...`` trains them (with the job's model options, e.g. an ordering): the
+    folder ``JOB-seeds-S-...`` holds the packed run and its members' run folders ``seed-S``."""
+
     name: str = "packed"
 
     def run(
@@ -263,14 +270,9 @@ def train_process(args: list[str], run_dir: Path, seconds: float) -> tuple[int, 
 
 
 @dataclass
-class SequentialRunner:
+class SequentialRunner(_Runner):
     """The seeds one after another, each a subprocess training as ``reslab train --seed S``."""
 
-    data: str
-    device: str = "cuda"
-    threads: int = 2
-    iters: int | None = None  # None: the recipe's 64k
-    train_options: dict[str, Any] = field(default_factory=dict)  # e.g. compile=True
     name: str = "sequential"
 
     def run(
